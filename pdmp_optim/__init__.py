@@ -1,0 +1,23 @@
+"""pdmp-optim: Performance-Dominant Modality Prioritization as a drop-in PyTorch optimizer wrapper.
+
+>>> from pdmp_optim import PDMPOptimizer, rank_modalities
+>>> rank_modalities({"audio": [0.55, 0.62], "visual": [0.35, 0.71]}).performance_dominant
+'visual'
+"""
+
+from .coefficients import pdmp_gammas
+from .modes import is_scale_invariant, resolve_mode
+from .optimizer import PDMPOptimizer
+from .ranking import ModalityRanking, rank_modalities
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModalityRanking",
+    "PDMPOptimizer",
+    "__version__",
+    "is_scale_invariant",
+    "pdmp_gammas",
+    "rank_modalities",
+    "resolve_mode",
+]

@@ -1,0 +1,97 @@
+"""The paper's modulation coefficients (Eq. 10-12), in one place.
+
+PDMP multiplies the update of the performance-dominant modality ``m_p`` by ``gamma_p > 1`` and the update
+of every other modality ``m_r`` by ``gamma_r``:
+
+* ``gamma_r = 1 / gamma_p`` when ``m_r`` would out-pace ``m_p`` early in training (it is the
+  optimization-dominant modality ``m_o``, or its early score beats ``m_p``'s),
+* ``gamma_r = gamma_p`` otherwise.
+
+When nothing is known about early training, every other modality gets ``1 / gamma_p``: that choice always
+lets ``m_p`` dominate.
+
+>>> pdmp_gammas(["audio", "visual"], dominant="visual", optimization_dominant="audio")
+{'audio': 0.06666666666666667, 'visual': 15.0}
+>>> pdmp_gammas(["audio", "visual"], dominant="visual", optimization_dominant="visual", gamma_p=4)
+{'audio': 4.0, 'visual': 4.0}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+__all__ = ["check_gamma", "pdmp_gammas"]
+
+
+def check_gamma(value: object, what: str) -> float:
+    """Return ``value`` as a float, or raise if it is not a finite number above zero.
+
+    >>> check_gamma(15, "gamma_p")
+    15.0
+    """
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}: {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{what} must be a finite number > 0, got {number!r}")
+    return number
+
+
+def pdmp_gammas(
+    modalities: Iterable[str],
+    dominant: str,
+    *,
+    gamma_p: float = 15.0,
+    optimization_dominant: str | None = None,
+    early_scores: Mapping[str, float] | None = None,
+    higher_is_better: bool = True,
+) -> dict[str, float]:
+    """Coefficient per modality by the paper's rule (Eq. 10-12), generalised to any number of modalities.
+
+    Args:
+        modalities: every modality name, the dominant one included.
+        dominant: the performance-dominant modality ``m_p``; it gets ``gamma_p``.
+        gamma_p: the prioritisation strength, ``>= 1`` (the paper uses 15; 1 is plain training).
+        optimization_dominant: the modality best early in training, ``m_o``; it gets ``1 / gamma_p``
+            unless it is ``dominant``.
+        early_scores: early-training score per modality; a modality whose early score is strictly better
+            than ``dominant``'s gets ``1 / gamma_p`` (the paper's multi-modality case).
+        higher_is_better: how to compare ``early_scores`` (``False`` for losses).
+
+    Returns:
+        ``{modality: gamma}`` in the order of ``modalities``.
+
+    >>> pdmp_gammas(["a", "v", "t"], "v", early_scores={"a": 0.6, "v": 0.5, "t": 0.4}, gamma_p=10)
+    {'a': 0.1, 'v': 10.0, 't': 10.0}
+    """
+    names = list(modalities)
+    if dominant not in names:
+        raise ValueError(f"dominant={dominant!r} is not one of the modalities {names}; pass one of them")
+    if optimization_dominant is not None and optimization_dominant not in names:
+        raise ValueError(
+            f"optimization_dominant={optimization_dominant!r} is not one of the modalities {names}; "
+            "pass one of them or None"
+        )
+    gamma_p = check_gamma(gamma_p, "gamma_p")
+    if gamma_p < 1.0:
+        raise ValueError(
+            f"gamma_p must be >= 1 (it amplifies the dominant modality), got {gamma_p}; "
+            "to damp a modality, pass explicit gammas={...}"
+        )
+    know_early = optimization_dominant is not None or early_scores is not None
+    if early_scores is not None:
+        missing = [m for m in names if m not in early_scores]
+        if missing:
+            raise ValueError(f"early_scores has no entry for {missing}; give one score per modality")
+    sign = 1.0 if higher_is_better else -1.0
+    gammas: dict[str, float] = {}
+    for name in names:
+        if name == dominant:
+            gammas[name] = gamma_p
+            continue
+        outpaces = not know_early or name == optimization_dominant
+        if early_scores is not None and sign * early_scores[name] > sign * early_scores[dominant]:
+            outpaces = True
+        gammas[name] = 1.0 / gamma_p if outpaces else gamma_p
+    return gammas

@@ -1,0 +1,45 @@
+"""A slow, obviously-right twin of :class:`~pdmp_optim.PDMPOptimizer`, for tests and for reading.
+
+It does exactly what the paper says, one tensor at a time: multiply every gradient of modality ``m`` by
+``gamma[m]`` (or, in ``"lr"`` mode, every learning rate of a group holding only modality ``m``), then call
+the plain optimizer's ``step()``. The test suite checks the fast wrapper against it bit for bit.
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.ones(3)); w.grad = torch.ones(3)
+>>> opt = torch.optim.SGD([w], lr=0.1)
+>>> reference_grad_step(opt, {"audio": [w]}, {"audio": 2.0})
+>>> w.detach()
+tensor([0.8000, 0.8000, 0.8000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["reference_grad_step", "reference_lr_step"]
+
+
+def reference_grad_step(
+    optimizer: Optimizer, params: Mapping[str, Sequence[Tensor]], gammas: Mapping[str, float]
+) -> None:
+    """Multiply each modality's gradients by its gamma, one tensor at a time, then ``optimizer.step()``."""
+    with torch.no_grad():
+        for modality, tensors in params.items():
+            for p in tensors:
+                if p.grad is not None:
+                    p.grad.mul_(gammas[modality])
+    optimizer.step()
+
+
+def reference_lr_step(optimizer: Optimizer, group_gammas: Sequence[float]) -> None:
+    """Multiply group ``i``'s learning rate by ``group_gammas[i]``, step, and put the old value back."""
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group, gamma in zip(optimizer.param_groups, group_gammas, strict=True):
+        group["lr"] = group["lr"] * gamma
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved, strict=True):
+        group["lr"] = lr
