@@ -40,9 +40,10 @@ class ModalityRanking:
         early_scores: early score per modality, or ``None`` when only final scores were given.
         final_std / early_std: spread over runs.
         higher_is_better: ``True`` for accuracies, ``False`` for losses.
-        run_winners: each run's own best final modality.
+        run_winners: each run's own best final modality, one per run.
         agreement: fraction of runs whose own winner is :attr:`performance_dominant` (1.0 for one run).
-        notes: why the ranking may not be trustworthy (ties, disagreeing runs); empty when it is clear.
+        notes: why the ranking may not be trustworthy (ties, near ties, disagreeing runs); empty when it is
+            clear. When it is not empty, :func:`rank_modalities` warned once with the same text.
 
     >>> r = rank_modalities({"a": 0.6, "v": 0.7}, early={"a": 0.5, "v": 0.3})
     >>> ModalityRanking.from_dict(r.to_dict()) == r
@@ -75,6 +76,33 @@ class ModalityRanking:
     def num_runs(self) -> int:
         """How many runs per modality the scores came from."""
         return max(len(self.run_winners), 1)
+
+    @property
+    def confident(self) -> bool:
+        """``True`` when nothing in :attr:`notes` casts doubt on the ranking.
+
+        >>> rank_modalities({"a": [0.6, 0.7], "v": [0.4, 0.8]}).confident
+        True
+        """
+        return not self.notes
+
+    def __hash__(self) -> int:
+        def items(d: Mapping[str, float] | None) -> tuple[tuple[str, float], ...] | None:
+            return None if d is None else tuple(sorted(d.items()))
+
+        return hash(
+            (
+                self.order,
+                items(self.final_scores),
+                items(self.early_scores),
+                items(self.final_std),
+                items(self.early_std),
+                self.higher_is_better,
+                self.run_winners,
+                self.agreement,
+                self.notes,
+            )
+        )
 
     def gammas(self, gamma_p: float = 15.0) -> dict[str, float]:
         """Coefficient per modality by the paper's rule (see :func:`pdmp_optim.pdmp_gammas`).
@@ -110,17 +138,32 @@ class ModalityRanking:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModalityRanking:
-        """Rebuild a ranking from :meth:`to_dict`'s output."""
+        """Rebuild a ranking from :meth:`to_dict`'s output (e.g. after ``json.load``).
+
+        Only ``order`` and ``final_scores`` are required; the other keys default as for one run.
+        """
+        missing = [key for key in ("order", "final_scores") if key not in data]
+        if missing:
+            raise ValueError(f"not a ModalityRanking dict: missing {missing}; pass the output of to_dict()")
+        order = tuple(str(name) for name in data["order"])
+        final = {str(k): float(v) for k, v in data["final_scores"].items()}
+        if set(final) != set(order) or len(order) != len(final):
+            raise ValueError(f"final_scores names {sorted(final)} but order names {list(order)}")
+        early = data.get("early_scores")
+        early_std = data.get("early_std")
+        final_std = data.get("final_std")
         return cls(
-            order=tuple(data["order"]),
-            final_scores=dict(data["final_scores"]),
-            early_scores=None if data["early_scores"] is None else dict(data["early_scores"]),
-            final_std=dict(data["final_std"]),
-            early_std=None if data["early_std"] is None else dict(data["early_std"]),
-            higher_is_better=bool(data["higher_is_better"]),
-            run_winners=tuple(data["run_winners"]),
-            agreement=float(data["agreement"]),
-            notes=tuple(data["notes"]),
+            order=order,
+            final_scores={n: final[n] for n in order},
+            early_scores=None if early is None else {str(k): float(v) for k, v in early.items()},
+            final_std={n: 0.0 for n in order}
+            if final_std is None
+            else {str(k): float(v) for k, v in final_std.items()},
+            early_std=None if early_std is None else {str(k): float(v) for k, v in early_std.items()},
+            higher_is_better=bool(data.get("higher_is_better", True)),
+            run_winners=tuple(str(w) for w in data.get("run_winners", ())),
+            agreement=float(data.get("agreement", 1.0)),
+            notes=tuple(str(n) for n in data.get("notes", ())),
         )
 
     def __repr__(self) -> str:
@@ -165,56 +208,75 @@ def rank_modalities(
             * several runs of that, ``[[run 1 history], [run 2 history], ...]`` (same number of runs per
               modality; run ``i`` of every modality is compared with run ``i`` of the others),
             * a single final score (then pass ``early`` for the early scores, or leave ``m_o`` unknown).
-            Numbers may be Python floats, NumPy values or one-element tensors.
+            All histories must have the same number of epochs. Numbers may be Python floats, NumPy values or
+            one-element tensors.
         early: modality -> early score, only with single final scores.
         higher_is_better: ``True`` for accuracy/F1, ``False`` for losses.
         early_epoch: which epoch of a history counts as "early" (default: the first).
-        warn: emit a ``UserWarning`` when the ranking is a tie or the runs disagree.
+        warn: emit one ``UserWarning`` when :attr:`ModalityRanking.notes` is not empty.
 
-    Ties are broken by the order of ``scores`` (the first listed wins) and reported in ``notes`` and a
-    warning. With several runs, a warning also fires when the runs' own winners disagree
-    (``agreement < 1``) or when the two best final means are within one standard deviation.
+    Ties are broken by the order of ``scores`` (the first listed wins) and reported in ``notes``. With
+    several runs, ``notes`` also report runs whose own winners disagree (``agreement < 1``), the two best
+    final means lying within one standard deviation of each other, and runs disagreeing on the
+    optimization-dominant modality. Any note means one ``UserWarning`` naming the modalities.
 
     Raises:
         ValueError: fewer than two modalities, empty or ragged input, NaN/inf scores, or ``early`` given
             together with histories.
+        TypeError: a score that is not a number.
 
     >>> r = rank_modalities({"audio": 0.62, "visual": 0.71}, early={"audio": 0.55, "visual": 0.35})
     >>> r.order
     ('visual', 'audio')
     >>> rank_modalities({"a": [1.2, 0.9], "v": [2.0, 0.7]}, higher_is_better=False).performance_dominant
     'v'
+    >>> r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.61]], "v": [[0.3, 0.8], [0.2, 0.79]]})
+    >>> r.agreement, r.run_winners, r.final_std["v"] < 0.01
+    (1.0, ('v', 'v'), True)
     """
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping modality -> scores, got {type(scores).__name__}")
     if len(scores) < 2:
-        raise ValueError(f"rank_modalities needs scores for at least two modalities, got {list(scores)}")
-    runs = {str(name): _as_runs(name, value) for name, value in scores.items()}
+        raise ValueError(
+            f"rank_modalities needs scores for at least two modalities, got {list(scores)}; "
+            "with one modality there is nothing to prioritise"
+        )
+    if isinstance(early_epoch, bool) or not isinstance(early_epoch, int):
+        raise TypeError(f"early_epoch must be an int (an epoch index), got {type(early_epoch).__name__}")
+    runs = {str(name): _as_runs(str(name), value) for name, value in scores.items()}
+    if len(runs) != len(scores):
+        raise ValueError(f"modality names must be distinct as strings, got {list(scores)}")
     names = list(runs)
     counts = {name: len(r) for name, r in runs.items()}
     if len(set(counts.values())) != 1:
-        raise ValueError(f"every modality needs the same number of runs, got {counts}")
-    has_history = any(len(history) > 1 for r in runs.values() for history in r)
+        raise ValueError(f"every modality needs the same number of runs, got {counts}; drop the extra runs")
+    lengths = {name: sorted({len(history) for history in r}) for name, r in runs.items()}
+    if len({n for ls in lengths.values() for n in ls}) != 1:
+        raise ValueError(
+            f"histories must all have the same number of epochs, got {lengths} per modality; trim them to a "
+            "common length, or pass single final scores (with early=) instead"
+        )
+    n_epochs = lengths[names[0]][0]
+    n_runs = counts[names[0]]
 
+    early_runs: dict[str, list[float]] | None
     if early is not None:
-        if has_history:
+        if n_epochs > 1:
             raise ValueError("pass early= only with single final scores; histories already hold early scores")
-        if set(early) != set(names):
-            raise ValueError(f"early= must name exactly the modalities {names}, got {list(early)}")
-        early_runs: dict[str, list[float]] | None = {
-            name: [_as_number(name, early[name], "early score")] for name in names
-        }
-        if counts[names[0]] != 1:
-            raise ValueError("early= takes one score per modality; give histories for several runs")
-    elif has_history:
-        early_runs = {}
-        for name, r in runs.items():
-            for history in r:
-                if not -len(history) <= early_epoch < len(history):
-                    raise ValueError(
-                        f"early_epoch={early_epoch} is outside the history of {name!r} ({len(history)} epochs)"
-                    )
-            early_runs[name] = [history[early_epoch] for history in r]
+        if n_runs != 1:
+            raise ValueError("early= takes one score per modality; give per-epoch histories for several runs")
+        if not isinstance(early, Mapping) or set(map(str, early)) != set(names):
+            shown = list(early) if isinstance(early, Mapping) else type(early).__name__
+            raise ValueError(f"early= must map exactly the modalities {names} to a score, got {shown}")
+        early_by_name = {str(k): v for k, v in early.items()}
+        early_runs = {name: [_as_number(name, early_by_name[name], "early score")] for name in names}
+    elif n_epochs > 1:
+        if not -n_epochs <= early_epoch < n_epochs:
+            raise ValueError(
+                f"early_epoch={early_epoch} is outside the histories ({n_epochs} epochs); "
+                f"pass 0 <= early_epoch < {n_epochs}"
+            )
+        early_runs = {name: [history[early_epoch] for history in r] for name, r in runs.items()}
     else:
         early_runs = None
 
@@ -226,7 +288,6 @@ def rank_modalities(
 
     sign = 1.0 if higher_is_better else -1.0
     order = tuple(sorted(names, key=lambda n: -sign * final[n]))  # stable: ties keep the input order
-    n_runs = counts[names[0]]
     run_winners = tuple(_best({n: final_runs[n][i] for n in names}, higher_is_better) for i in range(n_runs))
     agreement = sum(w == order[0] for w in run_winners) / n_runs
 
@@ -242,19 +303,18 @@ def rank_modalities(
         )
     if agreement < 1.0:
         notes.append(f"only {agreement:.0%} of runs rank {best!r} first (run winners: {list(run_winners)})")
-    if early_mean is not None:
+    if early_mean is not None and early_runs is not None:
         m_o = _best(early_mean, higher_is_better)
         tied = [n for n in names if early_mean[n] == early_mean[m_o]]
         if len(tied) > 1:
             notes.append(f"early scores tie between {tied}; {m_o!r} is optimization-dominant by input order")
+        early_winners = [_best({n: early_runs[n][i] for n in names}, higher_is_better) for i in range(n_runs)]
+        if any(w != m_o for w in early_winners):
+            notes.append(
+                f"runs disagree on the optimization-dominant modality (early winners: {early_winners}; {m_o!r} by mean)"
+            )
     if notes and warn:
-        warnings.warn(
-            "modality ranking is not clear-cut: "
-            + "; ".join(notes)
-            + ". More epochs, data or seeds help; or pass explicit gammas={...} to PDMPOptimizer.",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_warning_message(notes), UserWarning, stacklevel=2)
     return ModalityRanking(
         order=order,
         final_scores={n: final[n] for n in order},
@@ -262,9 +322,18 @@ def rank_modalities(
         final_std={n: final_std[n] for n in order},
         early_std=None if early_std is None else {n: early_std[n] for n in order},
         higher_is_better=higher_is_better,
-        run_winners=run_winners if n_runs > 1 else (),
+        run_winners=run_winners,
         agreement=agreement,
         notes=tuple(notes),
+    )
+
+
+def _warning_message(notes: Sequence[str]) -> str:
+    """The one warning text for a ranking with ``notes`` (shared with :func:`analyze_modalities`)."""
+    return (
+        "modality ranking is not clear-cut: "
+        + "; ".join(notes)
+        + ". More epochs, data or seeds help; or pass explicit gammas={...} to PDMPOptimizer."
     )
 
 
@@ -280,7 +349,9 @@ def _std(values: Sequence[float]) -> float:
 
 def _as_number(name: str, value: Any, what: str) -> float:
     if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()
+        value = value.tolist()  # NumPy scalars/arrays, tensors
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]  # one-element tensors and arrays
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} of {name!r} must be a number, got {type(value).__name__}: {value!r}")
     number = float(value)
