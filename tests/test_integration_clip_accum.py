@@ -1,0 +1,156 @@
+"""Gradient clipping and gradient accumulation around a PDMPOptimizer, against plain-torch reference loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _integration_util import (
+    GAMMAS,
+    assert_same_params,
+    groups,
+    loss_fn,
+    make_batches,
+    make_model,
+    modality_params,
+    scale_grads_reference,
+)
+
+from pdmp_optim import PDMPOptimizer
+from pdmp_optim.reference import reference_grad_step, reference_lr_step
+
+STEPS, MAX_NORM = 4, 0.05
+
+
+def sgd(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def record_step_grad_norms(inner: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Record the total gradient norm the inner optimizer actually steps with."""
+    seen: list[torch.Tensor] = []
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(torch.nn.utils.get_total_norm(grads))
+
+    inner.register_step_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("order", ["scale-clip-step", "clip-step"])
+def test_clipping_equals_the_reference_bit_for_bit(order):
+    batches = make_batches(STEPS)
+    model = make_model()
+    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    seen = record_step_grad_norms(opt.optimizer)
+    ref = make_model()
+    ref_opt = sgd(ref.parameters())
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        if order == "scale-clip-step":
+            opt.scale_grads_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+
+        ref_opt.zero_grad()
+        loss_fn(ref, batch).backward()
+        if order == "scale-clip-step":
+            scale_grads_reference(ref)
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        else:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+            scale_grads_reference(ref)
+        ref_opt.step()
+    assert_same_params(model, ref)
+    assert len(seen) == STEPS
+    if order == "scale-clip-step":
+        # clipping after PDMP bounds the update the optimizer takes
+        assert all(n <= MAX_NORM * (1 + 1e-5) for n in seen)
+    else:
+        # clipping first lets gamma_p (15) re-inflate the clipped gradient
+        assert all(n > MAX_NORM for n in seen)
+
+
+def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
+    batches = make_batches(2)
+    model = make_model()
+    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    ref = make_model()
+    ref_opt = sgd(ref.parameters())
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.scale_grads_()
+        opt.scale_grads_()  # harmless
+        opt.step()
+        ref_opt.zero_grad()
+        loss_fn(ref, batch).backward()
+        reference_grad_step(ref_opt, modality_params(ref), GAMMAS)
+    assert_same_params(model, ref)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)  # the gradients left behind were multiplied exactly once
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("k", [1, 3])
+def test_accumulation_scales_once_per_step(k, set_to_none):
+    micro = make_batches(STEPS * k, batch=4)
+    model = make_model()
+    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    ref = make_model()
+    ref_opt = sgd(ref.parameters())
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=set_to_none)
+        ref_opt.zero_grad(set_to_none=set_to_none)
+        for batch in micro[step * k : (step + 1) * k]:
+            (loss_fn(model, batch) / k).backward()
+            (loss_fn(ref, batch) / k).backward()
+        opt.step()
+        reference_grad_step(ref_opt, modality_params(ref), GAMMAS)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+    assert_same_params(model, ref)
+
+
+def test_accumulation_with_scale_clip_step():
+    k = 2
+    micro = make_batches(STEPS * k, batch=4)
+    model = make_model()
+    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    ref = make_model()
+    ref_opt = sgd(ref.parameters())
+    for step in range(STEPS):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for batch in micro[step * k : (step + 1) * k]:
+            (loss_fn(model, batch) / k).backward()
+            (loss_fn(ref, batch) / k).backward()
+        opt.scale_grads_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        scale_grads_reference(ref)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        ref_opt.step()
+    assert_same_params(model, ref)
+
+
+def test_accumulation_in_lr_mode():
+    k = 3
+    micro = make_batches(STEPS * k, batch=4)
+    model = make_model()
+    opt = PDMPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), groups(model), gammas=GAMMAS)
+    ref = make_model()
+    ref_opt = torch.optim.AdamW(
+        [{"params": ref.audio.parameters()}, {"params": ref.visual.parameters()}, {"params": ref.head.parameters()}],
+        lr=1e-2,
+    )
+    for step in range(STEPS):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for batch in micro[step * k : (step + 1) * k]:
+            (loss_fn(model, batch) / k).backward()
+            (loss_fn(ref, batch) / k).backward()
+        opt.step()
+        reference_lr_step(ref_opt, [GAMMAS["audio"], GAMMAS["visual"], 1.0])
+    assert_same_params(model, ref)
