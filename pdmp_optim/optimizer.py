@@ -59,9 +59,10 @@ class PDMPOptimizer(Optimizer):
         mode: ``"grad"``, ``"lr"`` or ``"auto"`` (``"lr"`` for adaptive/sign-based optimizers, see
             :func:`~pdmp_optim.resolve_mode`).
 
-    A param group holding parameters of several modalities (or modality and shared parameters) is split into
-    one group per modality, in place, keeping its settings; each group is tagged with ``"modality"``
-    (``None`` for shared). Create LR schedulers after wrapping.
+    In ``"lr"`` mode a param group holding parameters of several modalities (or modality and shared
+    parameters) is split into one group per modality, in place, keeping its settings, so that each modality
+    has learning rates of its own; create LR schedulers after wrapping. ``"grad"`` mode leaves the param
+    groups as they are.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or a group is not a module/iterable.
@@ -103,8 +104,10 @@ class PDMPOptimizer(Optimizer):
         modalities = list(dict.fromkeys(membership.values()))
         self._gammas = _resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
         _check_mode_fits(optimizer, self._mode)
-        _tag_param_groups(optimizer, membership)
-        self._buckets: list[tuple[float, list[Tensor]]] = []
+        if self._mode == "lr":
+            _split_param_groups(optimizer, membership)
+        self._modality_of = membership
+        self._buckets: list[tuple[float | Tensor, list[Tensor]]] = []
         self._lr_groups: list[tuple[dict[str, Any], float]] = []
         self._scaled_marker: tuple[Tensor, Tensor] | None = None
         self._build()
@@ -117,7 +120,7 @@ class PDMPOptimizer(Optimizer):
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The inner optimizer's own param groups (each tagged with ``"modality"``)."""
+        """The inner optimizer's own param groups."""
         return self._optimizer.param_groups
 
     @param_groups.setter
@@ -164,7 +167,8 @@ class PDMPOptimizer(Optimizer):
         """
         out: dict[str | None, list[Tensor]] = {m: [] for m in self._gammas}
         for group in self.param_groups:
-            out.setdefault(group["modality"], []).extend(group["params"])
+            for p in group["params"]:
+                out.setdefault(self._modality_of.get(p), []).append(p)
         return out
 
     @torch.no_grad()
@@ -223,26 +227,30 @@ class PDMPOptimizer(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        modality = param_group.setdefault("modality", None)
+        modality = param_group.get("modality")
         if modality is not None and modality not in self._gammas:
             raise ValueError(
                 f"param group modality {modality!r} is unknown; use one of {list(self._gammas)} "
                 "or None for parameters PDMP must leave untouched"
             )
         self._optimizer.add_param_group(param_group)
+        if modality is not None:
+            for p in self.param_groups[-1]["params"]:
+                self._modality_of[p] = modality
         self._build()
 
     # --------------------------------------------------------------------------------------- checkpoints
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus ``"pdmp"``: the mode and gammas, as plain data.
+        """The inner optimizer's state dict plus ``"pdmp"``: mode, gammas and each modality's parameter ids.
 
-        Loadable with ``torch.load(..., weights_only=True)``.
+        The ids are the ones the inner state dict uses for its ``"params"``. All plain data, loadable with
+        ``torch.load(..., weights_only=True)``.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._optimizer.state_dict()
-        state_dict[_STATE_KEY] = {"format": _FORMAT, "mode": self._mode, "gammas": dict(self._gammas)}
+        state_dict[_STATE_KEY] = self._config()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -263,30 +271,21 @@ class PDMPOptimizer(Optimizer):
                 state_dict = result
         config = state_dict.pop(_STATE_KEY, None)
         if config is not None:
-            mine = {"mode": self._mode, "gammas": self._gammas}
-            theirs = {"mode": config.get("mode"), "gammas": dict(config.get("gammas", {}))}
-            if mine != theirs:
-                raise ValueError(
-                    f"checkpoint was saved with PDMP configuration {theirs}, this optimizer has {mine}; "
-                    "build PDMPOptimizer with the checkpoint's mode and gammas, or, to change them on "
-                    "purpose, load only the inner state with opt.optimizer.load_state_dict(...)"
-                )
-        tags = [group["modality"] for group in self.param_groups]
+            mine, theirs = self._config(), {**config, "modalities": dict(config.get("modalities", {}))}
+            for key, what in (("mode", "mode"), ("gammas", "gammas"), ("modalities", "parameters per modality")):
+                if mine[key] != theirs.get(key):
+                    raise ValueError(
+                        f"checkpoint was saved with PDMP {what} {theirs.get(key)}, this optimizer has {mine[key]}; "
+                        "build PDMPOptimizer with the checkpoint's groups, mode and gammas, or, to change them on "
+                        "purpose, load only the inner state with opt.optimizer.load_state_dict(...)"
+                    )
         saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(tags):
+        if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(tags)}; was it "
-                "saved from an optimizer with the same param groups and PDMP groups?"
+                f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}; "
+                "was it saved from an optimizer with the same param groups (and the same PDMP mode)?"
             )
-        for index, (saved, tag) in enumerate(zip(saved_groups, tags, strict=True)):
-            if saved.get("modality", tag) != tag:
-                raise ValueError(
-                    f"param group {index} belongs to modality {saved['modality']!r} in the checkpoint but "
-                    f"to {tag!r} here; build PDMPOptimizer with the same groups as the saved run"
-                )
         self._optimizer.load_state_dict(state_dict)
-        for group, tag in zip(self.param_groups, tags, strict=True):
-            group["modality"] = tag
         self._scaled_marker = None
         self._build()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -298,6 +297,18 @@ class PDMPOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._patch_step_function()
+
+    def _config(self) -> dict[str, Any]:
+        """The PDMP configuration as plain data, parameters named by their state-dict ids."""
+        modalities: dict[str, list[int]] = {m: [] for m in self._gammas}
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                modality = self._modality_of.get(p)
+                if modality is not None:
+                    modalities[modality].append(index)
+                index += 1
+        return {"format": _FORMAT, "mode": self._mode, "gammas": dict(self._gammas), "modalities": modalities}
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
@@ -311,17 +322,22 @@ class PDMPOptimizer(Optimizer):
     # ------------------------------------------------------------------------------------------ internals
     def _build(self) -> None:
         """Precompute the (gamma, device, dtype) buckets and the groups whose lr is scaled."""
-        buckets: dict[tuple[float, torch.device, torch.dtype], list[Tensor]] = {}
+        buckets: dict[tuple[float, torch.device, torch.dtype, bool], list[Tensor]] = {}
         self._lr_groups = []
         for group in self.param_groups:
-            modality = group["modality"]
-            gamma = 1.0 if modality is None else self._gammas[modality]
-            if gamma == 1.0:
-                continue
-            self._lr_groups.append((group, gamma))
             for p in group["params"]:
-                buckets.setdefault((gamma, p.device, p.dtype), []).append(p)
-        self._buckets = [(gamma, params) for (gamma, _, _), params in buckets.items()]
+                modality = self._modality_of.get(p)
+                if modality is not None and self._gammas[modality] != 1.0:
+                    buckets.setdefault((self._gammas[modality], p.device, p.dtype, _is_distributed(p)), []).append(p)
+            if self._mode == "lr" and group["params"]:
+                # lr mode split every group to a single modality, so its first parameter speaks for it
+                modality = self._modality_of.get(group["params"][0])
+                if modality is not None and self._gammas[modality] != 1.0:
+                    self._lr_groups.append((group, self._gammas[modality]))
+        self._buckets = [
+            (_foreach_scalar(gamma, device, dtype, distributed), params)
+            for (gamma, device, dtype, distributed), params in buckets.items()
+        ]
 
     def _apply_grad_scaling(self) -> tuple[Tensor, Tensor] | None:
         """One ``_foreach_mul_`` per bucket; returns (param, grad) of a scaled gradient as a marker."""
@@ -428,6 +444,23 @@ def _membership(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
     return membership
 
 
+def _is_distributed(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (FSDP2 / tensor parallel), whose ops take Python scalars only."""
+    return hasattr(p, "device_mesh") or hasattr(p.data, "device_mesh")
+
+
+def _foreach_scalar(gamma: float, device: torch.device, dtype: torch.dtype, distributed: bool) -> float | Tensor:
+    """The multiplier to hand ``torch._foreach_mul_`` so that it rounds exactly like ``grad.mul_(gamma)``.
+
+    On CPU, ``_foreach_mul_`` with a Python scalar first rounds the scalar to a float16/bfloat16 list's dtype
+    (1/15 becomes 0.0669 in bfloat16), whereas ``grad.mul_(gamma)`` multiplies in float32. A 0-d float32
+    tensor gives the float32 multiply. Elsewhere a Python scalar is exact and keeps ``step()`` sync-free.
+    """
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not distributed:
+        return torch.tensor(gamma, dtype=torch.float32)
+    return gamma
+
+
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"modality names must be non-empty strings, got {name!r}")
@@ -494,28 +527,29 @@ def _check_mode_fits(optimizer: Optimizer, mode: str) -> None:
     elif isinstance(optimizer, torch.optim.LBFGS) and optimizer.defaults.get("line_search_fn"):
         raise ValueError(
             "LBFGS's line search checks the loss against the gradient, and PDMP's scaled gradient is not the "
-            "gradient of that loss; use LBFGS(line_search_fn=None) or mode='lr'"
+            "gradient of that loss; use LBFGS(line_search_fn=None)"
         )
 
 
-def _tag_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
-    """Tag each param group with its modality, splitting groups that mix modalities (in place)."""
+def _split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
+    """Split param groups that mix modalities into one group per modality (in place), for ``"lr"`` mode."""
     new_groups: list[dict[str, Any]] = []
     for group in optimizer.param_groups:
         by_modality: dict[str | None, list[int]] = {}
         for index, p in enumerate(group["params"]):
             by_modality.setdefault(membership.get(p), []).append(index)
         if len(by_modality) <= 1:
-            group["modality"] = next(iter(by_modality), None)
             new_groups.append(group)
             continue
         if "initial_lr" in group:
             raise ValueError(
-                "a param group mixing modalities must be split, but an LR scheduler is already attached to "
-                "the optimizer; create the scheduler after PDMPOptimizer, on the PDMPOptimizer"
+                "mode='lr' must split a param group that mixes modalities, but an LR scheduler is already "
+                "attached to the optimizer; create the scheduler after PDMPOptimizer, on the PDMPOptimizer"
             )
-        for modality, indices in by_modality.items():
-            part = {**group, "params": [group["params"][i] for i in indices], "modality": modality}
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("LBFGS supports a single param group, so mode='lr' cannot split it; use mode='grad'")
+        for indices in by_modality.values():
+            part = {**group, "params": [group["params"][i] for i in indices]}
             if "param_names" in group:
                 part["param_names"] = [group["param_names"][i] for i in indices]
             new_groups.append(part)
