@@ -1,0 +1,285 @@
+"""Backward-hook mode: scale the gradient that flows *out of* each encoder instead of every parameter gradient.
+
+``PDMPOptimizer`` in ``"grad"`` mode multiplies every parameter gradient of a modality by its gamma just before
+``step()``: one pass over all of the encoder's gradients. :func:`scale_encoder_grads` gets the same parameter
+gradients by multiplying only the gradient of each encoder's *output* (a batch x features tensor) during
+backward; the chain rule, which is linear in that upstream gradient, carries the factor to every parameter
+behind it.
+
+>>> import torch
+>>> from torch import nn
+>>> audio, visual, head = nn.Linear(4, 8), nn.Linear(6, 8), nn.Linear(16, 3)
+>>> opt = torch.optim.SGD([*audio.parameters(), *visual.parameters(), *head.parameters()], lr=0.1)
+>>> with scale_encoder_grads({"audio": audio, "visual": visual}, {"audio": 0.25, "visual": 4.0}):
+...     loss = head(torch.cat([audio(torch.randn(2, 4)), visual(torch.randn(2, 6))], dim=1)).sum()
+...     loss.backward()
+>>> opt.step(); opt.zero_grad()
+
+When it equals ``"grad"`` mode: a parameter's gradient is exactly ``gamma`` times its unscaled gradient when
+*every* path from the loss to that parameter passes through a hooked output of its encoder (true for any
+encoder architecture: linear, MLP, conv, attention, batch norm). In floating point the two modes multiply at
+different points of the computation, so results agree to rounding (a few ulps); they are bitwise equal when
+gamma is a power of two. They differ, by design of the math, when:
+
+- the encoder's parameters also get gradient another way: weights shared with the head or another encoder,
+  an auxiliary loss or regulariser computed on intermediate activations or on the parameters themselves
+  (an L2 penalty added to the loss is scaled in ``"grad"`` mode, not here);
+- something *upstream* of the encoder is trained (a shared stem, an embedding that feeds the encoder, an input
+  that requires grad): it receives the scaled gradient here but not in ``"grad"`` mode (a warning says so
+  once);
+- the optimizer normalises the gradient scale away (Adam, AdamW, RMSprop, ...): like ``"grad"`` mode, this
+  mode then changes almost nothing; ``PDMPOptimizer``'s ``"lr"`` mode is the right tool there.
+
+Weight decay done inside the optimizer (``SGD(weight_decay=...)``, ``AdamW``) is added after the gradient is
+final, so it is *not* scaled, in this mode and in ``"grad"`` mode alike.
+
+Do not combine it with ``PDMPOptimizer``'s gradient scaling of the same modality: the gradients would be scaled
+twice. Step the plain inner optimizer instead; passing a ``PDMPOptimizer`` as ``gammas`` takes its
+coefficients and makes its ``step()`` raise while the hooks are installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .coefficients import check_gamma
+from .optimizer import PDMPOptimizer
+
+__all__ = ["EncoderGradScaling", "scale_encoder_grads"]
+
+
+class EncoderGradScaling:
+    """Hooks installed by :func:`scale_encoder_grads`; call :meth:`remove` (or leave the ``with`` block) to undo.
+
+    >>> import torch
+    >>> enc = torch.nn.Linear(3, 2)
+    >>> hooks = scale_encoder_grads({"audio": enc}, {"audio": 2.0})
+    >>> enc(torch.ones(1, 3)).sum().backward()
+    >>> enc.bias.grad
+    tensor([2., 2.])
+    >>> hooks.remove()
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        gammas: Mapping[str, float],
+        optimizer: PDMPOptimizer | None = None,
+    ) -> None:
+        self._gammas = dict(gammas)
+        self._handles: list[RemovableHandle] = []
+        self._warned_upstream = False
+        for modality, encoder in encoders.items():
+            gamma = self._gammas[modality]
+            if gamma == 1.0:
+                continue  # nothing to scale, like PDMPOptimizer's buckets
+            self._handles.append(encoder.register_forward_hook(self._forward_hook(modality, gamma)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(_refuse_double_scaling))
+
+    @property
+    def gammas(self) -> dict[str, float]:
+        """The coefficient of each hooked modality (a copy)."""
+        return dict(self._gammas)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still installed."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook; later backward passes are unscaled. Calling it twice is harmless."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> EncoderGradScaling:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"EncoderGradScaling({state}, gammas={self._gammas})"
+
+    def _forward_hook(self, modality: str, gamma: float) -> Any:
+        def scale(grad: Tensor) -> Tensor:
+            return grad * gamma
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            _register_on_tensors(output, scale, modality)
+            if not self._warned_upstream and _any_tensor_requires_grad(inputs):
+                self._warned_upstream = True
+                warnings.warn(
+                    f"an input of encoder {modality!r} requires grad, so whatever produced it (a shared stem, a "
+                    f"trained embedding) also receives gradients scaled by {gamma:g}; hook a module that starts "
+                    "at the raw input, or use PDMPOptimizer's 'grad' mode if that stem must stay unscaled",
+                    UserWarning,
+                    stacklevel=1,
+                )
+
+        return hook
+
+
+def scale_encoder_grads(
+    encoders: Mapping[str, nn.Module],
+    gammas: Mapping[str, float] | PDMPOptimizer,
+) -> EncoderGradScaling:
+    """Multiply the gradient flowing out of each modality's encoder by its gamma, during backward.
+
+    A forward hook on ``encoders[m]`` registers, on every tensor the encoder returns (a tensor, or a
+    tuple/list/dict of them, nested), a gradient hook that multiplies it by ``gammas[m]``. The parameter
+    gradients that reach the optimizer are then the ones ``PDMPOptimizer(mode="grad")`` would produce (see the
+    module docstring for exactly when), at the cost of one multiply of a batch x features tensor per encoder
+    instead of one pass over all its parameters. Step a plain (non-PDMP) optimizer afterwards.
+
+    Args:
+        encoders: modality name -> the module whose output is that modality's representation (the last
+            module before fusion).
+        gammas: modality -> coefficient (finite, > 0), e.g. ``ranking.gammas(gamma_p=15)`` or
+            :func:`~pdmp_optim.pdmp_gammas`; every encoder needs one and every entry needs an encoder. A
+            ``PDMPOptimizer`` in ``"grad"`` mode is accepted too: its gammas are used and its ``step()`` raises
+            while the hooks are installed (step ``opt.optimizer``, the inner optimizer, instead).
+
+    Returns:
+        An :class:`EncoderGradScaling`; ``remove()`` it, or use it as a context manager.
+
+    Raises:
+        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is neither a mapping nor a
+            ``PDMPOptimizer``.
+        ValueError: empty ``encoders``; modality names that do not match between ``encoders`` and ``gammas``;
+            a gamma that is not a finite number > 0; the same module (or one inside another) given twice; an
+            encoder without trainable parameters; a ``PDMPOptimizer`` in ``"lr"`` mode.
+
+    >>> import torch
+    >>> enc = {"audio": torch.nn.Linear(3, 2), "visual": torch.nn.Linear(3, 2)}
+    >>> with scale_encoder_grads(enc, {"audio": 0.5, "visual": 4.0}) as hooks:
+    ...     (enc["audio"](torch.ones(1, 3)) + enc["visual"](torch.ones(1, 3))).sum().backward()
+    >>> enc["audio"].bias.grad, enc["visual"].bias.grad, hooks.active
+    (tensor([0.5000, 0.5000]), tensor([4., 4.]), False)
+    """
+    if not isinstance(encoders, Mapping):
+        raise TypeError(
+            f"encoders must map a modality name to its encoder nn.Module, got {type(encoders).__name__}; "
+            "e.g. {'audio': model.audio_encoder, 'visual': model.visual_encoder}"
+        )
+    if not encoders:
+        raise ValueError("encoders is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
+    optimizer: PDMPOptimizer | None = None
+    if isinstance(gammas, PDMPOptimizer):
+        if gammas.mode != "grad":
+            raise ValueError(
+                f"the PDMPOptimizer is in {gammas.mode!r} mode: it scales learning rates because its optimizer "
+                "normalises gradient scale away, so scaling encoder gradients would change almost nothing; keep "
+                "using that PDMPOptimizer on its own"
+            )
+        optimizer, gammas = gammas, gammas.gammas
+    elif isinstance(gammas, torch.optim.Optimizer):
+        raise TypeError(
+            f"gammas must be a mapping of modality -> coefficient or a PDMPOptimizer, got {type(gammas).__name__}"
+        )
+    if not isinstance(gammas, Mapping):
+        raise TypeError(
+            f"gammas must map modality -> coefficient, got {type(gammas).__name__}; "
+            "e.g. ranking.gammas(gamma_p=15) or pdmp_gammas(...)"
+        )
+    for modality, encoder in encoders.items():
+        if not isinstance(modality, str) or not modality:
+            raise TypeError(f"modality names must be non-empty strings, got {modality!r}")
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"encoders[{modality!r}] must be an nn.Module (hooks attach to modules), got "
+                f"{type(encoder).__name__}; for a list of parameters use PDMPOptimizer's 'grad' mode"
+            )
+    missing = [m for m in encoders if m not in gammas]
+    extra = [m for m in gammas if m not in encoders]
+    if missing or extra:
+        raise ValueError(
+            f"encoders and gammas must name the same modalities: no gamma for {missing}, no encoder for {extra}; "
+            "give every encoder a coefficient and every coefficient an encoder"
+        )
+    checked = {m: check_gamma(gammas[m], f"gammas[{m!r}]") for m in encoders}
+    _check_disjoint(encoders)
+    for modality, encoder in encoders.items():
+        if not any(p.requires_grad for p in encoder.parameters()):
+            raise ValueError(
+                f"encoders[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "
+                "module that holds the modality's trainable encoder"
+            )
+    return EncoderGradScaling(encoders, checked, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
+    """Reject a module given twice, or one encoder inside another: both would scale the same gradients twice."""
+    owner: dict[int, str] = {}
+    for modality, encoder in encoders.items():
+        for module in encoder.modules():
+            other = owner.get(id(module))
+            if other is not None:
+                raise ValueError(
+                    f"encoders[{other!r}] and encoders[{modality!r}] share a module ({type(module).__name__}); "
+                    "each modality needs its own encoder, else gradients are scaled twice"
+                )
+        for module in encoder.modules():
+            owner[id(module)] = modality
+    params: dict[Tensor, str] = {}
+    for modality, encoder in encoders.items():
+        for p in encoder.parameters():
+            other = params.setdefault(p, modality)
+            if other != modality:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is in both encoders[{other!r}] and "
+                    f"encoders[{modality!r}]; give every parameter to at most one modality"
+                )
+
+
+def _register_on_tensors(output: Any, scale: Any, modality: str) -> None:
+    if isinstance(output, Tensor):
+        if output.requires_grad:
+            output.register_hook(scale)
+        return
+    if isinstance(output, Mapping):
+        for value in output.values():
+            _register_on_tensors(value, scale, modality)
+        return
+    if isinstance(output, (tuple, list)):
+        for value in output:
+            _register_on_tensors(value, scale, modality)
+        return
+    if output is None or isinstance(output, (bool, int, float, str)):
+        return
+    raise TypeError(
+        f"encoder {modality!r} returned a {type(output).__name__}; scale_encoder_grads handles tensors and "
+        "tuples/lists/dicts of tensors; hook the submodule that returns the representation tensor instead"
+    )
+
+
+def _any_tensor_requires_grad(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if isinstance(value, Mapping):
+        return any(_any_tensor_requires_grad(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_any_tensor_requires_grad(v) for v in value)
+    return False
+
+
+def _refuse_double_scaling(optimizer: Any, args: Any, kwargs: Any) -> None:
+    raise RuntimeError(
+        "this PDMPOptimizer's coefficients are applied by scale_encoder_grads hooks; stepping it would scale "
+        "the gradients a second time. Step the inner optimizer (opt.optimizer.step()) while the hooks are "
+        "installed, or remove() them and step the PDMPOptimizer"
+    )
