@@ -1,0 +1,663 @@
+"""Speed of PDMP's gradient modulation, measured side by side against the floor, the bare optimizer and peers.
+
+Run from the repository root::
+
+    python benchmarks/overhead.py            # full run (about 10-20 minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick    # smoke run, a few seconds
+
+Every comparison runs its variants in one process, alternating (the order rotates every round), and reports
+the median and interquartile range of *paired* ratios (variant time / reference time within one round), which
+cancels most of the drift of a noisy, shared machine. Results: a table on stdout, ``overhead.json`` and
+``overhead.png`` in ``--out`` (default ``benchmarks/results/``).
+
+Cases:
+
+1. ``step``: one optimizer step on a two-encoder ResNet-18 parameter set (audio and visual trunks, concat head;
+   the encoders of the PDMP paper), for SGD with momentum (default and foreach kernels) and AdamW. Variants:
+   ``bare`` (the inner step, no modulation), ``floor`` (one hand-written ``torch._foreach_mul_`` per modality
+   on pre-collected gradient lists, then the inner step), ``pdmp`` (``PDMPOptimizer.step()``; for AdamW its
+   default ``"lr"`` mode and, as ``pdmp_grad``, ``mode="grad"``) and ``research`` (the loop over
+   ``named_parameters`` with ``p.grad = p.grad * coeff`` that research code uses).
+2. ``scaling_params``: ``pdmp`` / ``floor`` / ``bare`` from 1M to 100M parameters (ResNet-18 trunks of growing
+   width, so the tensor count stays fixed and tensors grow).
+3. ``scaling_modalities``: 2 to 8 modalities at a fixed total size; PDMP's bucket count is reported.
+4. ``train_step``: a whole training step (forward, backward, step, zero_grad) unmodulated, with
+   ``PDMPOptimizer`` in ``"grad"`` mode, and with the backward-hook mode of :mod:`pdmp_optim.backward`.
+5. ``compile``: ``torch.compile``'d step vs the eager step, for the bare optimizer and for PDMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pdmp_optim import PDMPOptimizer
+from pdmp_optim.backward import scale_encoder_grads
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GAMMA_P = 15.0
+CAVEAT = (
+    "Measured on a shared, noisy machine (other processes were running; see load averages). Absolute times "
+    "are indicative only; the paired ratios (median and IQR over alternating rounds) are the result."
+)
+
+
+# ------------------------------------------------------------------------------------------------- models
+class BasicBlock(nn.Module):
+    """The ResNet basic block (two 3x3 convs with batch norm, projection shortcut when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet-18 without its classifier (width 64 = the standard network); returns pooled features."""
+
+    def __init__(self, in_channels: int, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers: list[nn.Module] = []
+        c_in = width
+        for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.out_features = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+class MultiModalNet(nn.Module):
+    """One encoder per modality, concat fusion, a linear head: the PDMP paper's setting."""
+
+    def __init__(self, encoders: dict[str, nn.Module], feature_dims: list[int], n_classes: int = 6) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.head = nn.Linear(sum(feature_dims), n_classes)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.head(torch.cat([enc(inputs[m]) for m, enc in self.encoders.items()], dim=1))
+
+
+def resnet_pair(width: int = 64) -> MultiModalNet:
+    """Audio (1-channel spectrogram) and visual (RGB) ResNet-18 trunks, as in the PDMP/OGM-GE CREMA-D setup."""
+    audio, visual = ResNet18Trunk(1, width), ResNet18Trunk(3, width)
+    return MultiModalNet({"audio": audio, "visual": visual}, [audio.out_features, visual.out_features])
+
+
+def resnet_multi(n_modalities: int, width: int) -> MultiModalNet:
+    encoders = {f"m{i}": ResNet18Trunk(3, width) for i in range(n_modalities)}
+    return MultiModalNet(encoders, [e.out_features for e in encoders.values()])  # type: ignore[misc]
+
+
+def small_cnn(in_channels: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for c_out in (32, 64, 128, 256):
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def width_for(n_params_per_encoder: float) -> int:
+    """ResNet-18 trunk width with about this many parameters (the count grows with width squared)."""
+    return max(4, round(64 * math.sqrt(n_params_per_encoder / 11.17e6)))
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def summarize(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median": _quantile(ordered, 0.5),
+        "q25": _quantile(ordered, 0.25),
+        "q75": _quantile(ordered, 0.75),
+        "n": len(ordered),
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def alternate(
+    variants: dict[str, Callable[[], Any]],
+    reset: Callable[[], None],
+    rounds: int,
+    steps: int,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Time every variant once per round, in an order that rotates each round; seconds per step."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            reset()
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            reset()
+            fn = variants[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    return {f"{a}/{b}": summarize([x / y for x, y in zip(times[a], times[b], strict=True)]) for a, b in pairs}
+
+
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: 1e3 * summarize(values)["median"] for name, values in times.items()}
+
+
+def steps_for(seconds_per_step: float, target: float = 0.02, cap: int = 8) -> int:
+    """Steps per timed sample so that a sample lasts about ``target`` seconds (few steps: gradients are
+    rescaled by gamma at every step and are only restored between samples)."""
+    return max(1, min(cap, round(target / max(seconds_per_step, 1e-6))))
+
+
+# ------------------------------------------------------------------------------------- optimizer steps
+class StepBench:
+    """Shared parameters and gradients, one optimizer per variant, gradients restored before each sample."""
+
+    def __init__(self, model: MultiModalNet, seed: int = 0) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters()]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        self.grads = [p.grad for p in self.params]
+        self.saved = [g.clone() for g in self.grads]
+        self.modalities = list(model.encoders)
+
+    def reset(self) -> None:
+        # the research variant replaces .grad; put the original tensors back, then their values
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        torch._foreach_copy_(self.grads, self.saved)
+
+    def groups(self) -> dict[str, nn.Module]:
+        return dict(self.model.encoders.items())
+
+    def floor(self, inner: torch.optim.Optimizer, gammas: dict[str, float]) -> Callable[[], None]:
+        """The least any modulation can cost: one _foreach_mul_ per modality on lists built once."""
+        lists = [(gammas[m], [p.grad for p in enc.parameters()]) for m, enc in self.model.encoders.items()]
+
+        def step() -> None:
+            for gamma, grads in lists:
+                torch._foreach_mul_(grads, gamma)  # type: ignore[arg-type]
+            inner.step()
+
+        return step
+
+    def research(self, inner: torch.optim.Optimizer, gammas: dict[str, float]) -> Callable[[], None]:
+        """The modulation loop of research code (OGM-GE style): match names, replace each .grad."""
+        model = self.model
+
+        def step() -> None:
+            for name, parms in model.named_parameters():
+                if parms.grad is None:
+                    continue
+                layer = name.split(".")[1]
+                if layer in gammas:
+                    parms.grad = parms.grad * gammas[layer]
+            inner.step()
+
+        return step
+
+
+def make_optimizer(kind: str, params: list[Tensor]) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    if kind == "sgd-foreach":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=True)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    raise ValueError(kind)
+
+
+OPTIMIZER_LABELS = {
+    "sgd": "SGD momentum (torch default: for-loop kernels on CPU)",
+    "sgd-foreach": "SGD momentum (foreach=True, the CUDA default)",
+    "adamw": "AdamW (torch default)",
+}
+
+
+def step_case(bench: StepBench, kind: str, rounds: int, with_research: bool = True) -> dict[str, Any]:
+    dominant = bench.modalities[-1]
+    opt_pdmp = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, gamma_p=GAMMA_P)
+    gammas = opt_pdmp.gammas
+    variants: dict[str, Callable[[], Any]] = {
+        "bare": make_optimizer(kind, bench.params).step,
+        "floor": bench.floor(make_optimizer(kind, bench.params), gammas),
+        "pdmp": opt_pdmp.step,
+    }
+    pairs = [("pdmp", "floor"), ("pdmp", "bare"), ("floor", "bare")]
+    if opt_pdmp.mode == "lr":
+        grad_mode = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, mode="grad")
+        variants["pdmp_grad"] = grad_mode.step
+        pairs += [("pdmp_grad", "floor"), ("pdmp_grad", "bare")]
+    if with_research:
+        variants["research"] = bench.research(make_optimizer(kind, bench.params), gammas)
+        pairs += [("research", "pdmp"), ("research", "bare")]
+    probe = alternate({"bare": variants["bare"]}, bench.reset, rounds=3, steps=1, warmup=1)
+    steps = steps_for(min(probe["bare"]))
+    times = alternate(variants, bench.reset, rounds=rounds, steps=steps)
+    return {
+        "optimizer": kind,
+        "label": OPTIMIZER_LABELS[kind],
+        "pdmp_mode": opt_pdmp.mode,
+        "gammas": gammas,
+        "n_params": sum(p.numel() for p in bench.params),
+        "n_tensors": len(bench.params),
+        "rounds": rounds,
+        "steps_per_sample": steps,
+        "median_ms": median_ms(times),
+        "ratios": paired_ratios(times, pairs),
+    }
+
+
+def run_step_cases(quick: bool) -> list[dict[str, Any]]:
+    bench = StepBench(resnet_pair(8 if quick else 64))
+    rounds = 3 if quick else 40
+    return [step_case(bench, kind, rounds) for kind in ("sgd", "sgd-foreach", "adamw")]
+
+
+def run_scaling_params(quick: bool) -> list[dict[str, Any]]:
+    sizes = [0.3e6, 1e6] if quick else [1e6, 3e6, 10e6, 30e6, 100e6]
+    out = []
+    for size in sizes:
+        bench = StepBench(resnet_pair(width_for(size / 2)))
+        case = step_case(bench, "sgd-foreach", rounds=3 if quick else 25, with_research=False)
+        case["target_params"] = size
+        out.append(case)
+        del bench
+        gc.collect()
+    return out
+
+
+def run_scaling_modalities(quick: bool) -> list[dict[str, Any]]:
+    counts = [2, 3] if quick else [2, 3, 4, 6, 8]
+    total = 0.5e6 if quick else 22e6
+    out = []
+    for count in counts:
+        bench = StepBench(resnet_multi(count, width_for(total / count)))
+        opt = make_optimizer("sgd-foreach", bench.params)
+        pdmp = PDMPOptimizer(opt, bench.groups(), dominant="m0", gamma_p=GAMMA_P)
+        distinct_gammas = {m: GAMMA_P if i == 0 else 1.0 / (i + 1) for i, m in enumerate(bench.modalities)}
+        pdmp_distinct = PDMPOptimizer(
+            make_optimizer("sgd-foreach", bench.params), bench.groups(), gammas=distinct_gammas
+        )
+        variants: dict[str, Callable[[], Any]] = {
+            "bare": make_optimizer("sgd-foreach", bench.params).step,
+            "floor": bench.floor(make_optimizer("sgd-foreach", bench.params), pdmp.gammas),
+            "pdmp": pdmp.step,
+            "pdmp_distinct": pdmp_distinct.step,
+        }
+        probe = alternate({"bare": variants["bare"]}, bench.reset, rounds=3, steps=1, warmup=1)
+        steps = steps_for(min(probe["bare"]))
+        times = alternate(variants, bench.reset, rounds=3 if quick else 25, steps=steps)
+        out.append(
+            {
+                "modalities": count,
+                "n_params": sum(p.numel() for p in bench.params),
+                "n_tensors": len(bench.params),
+                "pdmp_buckets": len(pdmp._buckets),
+                "pdmp_distinct_buckets": len(pdmp_distinct._buckets),
+                "steps_per_sample": steps,
+                "median_ms": median_ms(times),
+                "ratios": paired_ratios(
+                    times,
+                    [("pdmp", "floor"), ("pdmp", "bare"), ("pdmp_distinct", "bare"), ("floor", "bare")],
+                ),
+            }
+        )
+        del bench, pdmp, pdmp_distinct, variants
+        gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training step
+def train_case(name: str, model: MultiModalNet, inputs: dict[str, Tensor], rounds: int) -> dict[str, Any]:
+    """Whole training step: unmodulated vs PDMPOptimizer("grad") vs backward hooks, on identical copies."""
+    target = torch.randint(0, 6, (next(iter(inputs.values())).shape[0],), generator=torch.Generator().manual_seed(0))
+    dominant = list(model.encoders)[-1]
+    models = {key: copy.deepcopy(model) for key in ("unmodulated", "grad", "hook")}
+    opts: dict[str, torch.optim.Optimizer] = {
+        key: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4) for key, m in models.items()
+    }
+    opts["grad"] = PDMPOptimizer(opts["grad"], dict(models["grad"].encoders.items()), dominant=dominant, mode="grad")
+    hooks = scale_encoder_grads(dict(models["hook"].encoders.items()), opts["grad"].gammas)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make_step(key: str) -> Callable[[], None]:
+        m, opt = models[key], opts[key]
+
+        def step() -> None:
+            loss = loss_fn(m(inputs), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        return step
+
+    variants = {key: make_step(key) for key in models}
+    probe = alternate({"unmodulated": variants["unmodulated"]}, lambda: None, rounds=2, steps=1, warmup=1)
+    steps = max(1, min(20, round(0.05 / min(probe["unmodulated"]))))
+    times = alternate(variants, lambda: None, rounds=rounds, steps=steps)
+    hooks.remove()
+    batch = next(iter(inputs.values())).shape[0]
+    return {
+        "model": name,
+        "n_params": n_params(model),
+        "batch": batch,
+        "input_shapes": {m: list(x.shape) for m, x in inputs.items()},
+        "rounds": rounds,
+        "steps_per_sample": steps,
+        "median_ms": median_ms(times),
+        "ratios": paired_ratios(times, [("grad", "unmodulated"), ("hook", "unmodulated"), ("hook", "grad")]),
+    }
+
+
+def run_train_steps(quick: bool) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    cnn = MultiModalNet({"audio": small_cnn(1), "visual": small_cnn(3)}, [256, 256])
+    batch, side = (4, 16) if quick else (32, 64)
+    inputs = {"audio": torch.randn(batch, 1, side, side, generator=gen), "visual": torch.randn(batch, 3, side, side)}
+    out.append(train_case("small CNN pair (4 conv layers each)", cnn, inputs, rounds=3 if quick else 40))
+    if not quick:
+        inputs = {"audio": torch.randn(8, 1, 64, 64, generator=gen), "visual": torch.randn(8, 3, 64, 64)}
+        out.append(train_case("ResNet-18 pair, 64x64 inputs", resnet_pair(64), inputs, rounds=20))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def run_compile(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"status": "skipped", "reason": "--quick"}
+    torch._dynamo.reset()
+    bench = StepBench(resnet_pair(64))
+    kind = "sgd-foreach"
+    eager_bare = make_optimizer(kind, bench.params)
+    eager_pdmp = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant="visual")
+    comp_bare_opt = make_optimizer(kind, bench.params)
+    comp_pdmp_opt = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant="visual")
+
+    @torch.compile
+    def compiled_bare() -> None:
+        comp_bare_opt.step()
+
+    @torch.compile
+    def compiled_pdmp() -> None:
+        comp_pdmp_opt.step()
+
+    result: dict[str, Any] = {"optimizer": kind, "n_params": sum(p.numel() for p in bench.params)}
+    try:
+        compile_s = {}
+        for name, fn in (("bare", compiled_bare), ("pdmp", compiled_pdmp)):
+            bench.reset()
+            start = time.perf_counter()
+            fn()
+            fn()  # a second call: recompiles for changed guards show up here
+            compile_s[name] = time.perf_counter() - start
+        result["compile_s"] = compile_s
+    except Exception as exc:  # report honestly, do not hide it
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], traceback=traceback.format_exc())
+        return result
+    variants = {
+        "eager_bare": eager_bare.step,
+        "compiled_bare": compiled_bare,
+        "eager_pdmp": eager_pdmp.step,
+        "compiled_pdmp": compiled_pdmp,
+    }
+    times = alternate(variants, bench.reset, rounds=25, steps=1)
+    result.update(
+        status="ok",
+        median_ms=median_ms(times),
+        ratios=paired_ratios(
+            times,
+            [
+                ("compiled_pdmp", "eager_pdmp"),
+                ("compiled_bare", "eager_bare"),
+                ("compiled_pdmp", "compiled_bare"),
+                ("eager_pdmp", "eager_bare"),
+            ],
+        ),
+    )
+    try:
+        explanation = torch._dynamo.explain(comp_pdmp_opt.step)()
+        result["pdmp_graph_breaks"] = explanation.graph_break_count
+        result["pdmp_break_reasons"] = sorted({str(b.reason).splitlines()[0][:200] for b in explanation.break_reasons})
+    except Exception as exc:
+        result["explain_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fmt(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}]"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    meta = results["meta"]
+    print(f"\npdmp-optim overhead benchmark ({'quick' if meta['quick'] else 'full'}), torch {meta['torch']}")
+    print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; {CAVEAT}")
+    print("ratios: median [q25, q75] of paired per-round ratios; < 1 means the first is faster\n")
+    print("1. optimizer step, two ResNet-18 encoders + head")
+    for case in results["step"]:
+        print(f"  {case['label']}: {case['n_params'] / 1e6:.1f}M params, {case['n_tensors']} tensors, "
+              f"PDMP mode {case['pdmp_mode']!r}; median ms {_ms(case['median_ms'])}")  # fmt: skip
+        for key, r in case["ratios"].items():
+            print(f"    {key:<20} {fmt(r)}")
+    print("\n2. scaling with parameter count (SGD momentum, foreach)")
+    print(f"  {'params':>8} {'pdmp/floor':>26} {'pdmp/bare':>26} {'bare ms':>9}")
+    for case in results["scaling_params"]:
+        r = case["ratios"]
+        print(f"  {case['n_params'] / 1e6:>7.1f}M {fmt(r['pdmp/floor']):>26} {fmt(r['pdmp/bare']):>26} "
+              f"{case['median_ms']['bare']:>9.2f}")  # fmt: skip
+    print("\n3. scaling with modality count (SGD momentum, foreach, fixed total size)")
+    print(f"  {'M':>3} {'buckets':>7} {'pdmp/floor':>26} {'pdmp/bare':>26} {'pdmp_distinct/bare':>26}")
+    for case in results["scaling_modalities"]:
+        r = case["ratios"]
+        print(f"  {case['modalities']:>3} {case['pdmp_buckets']:>7} {fmt(r['pdmp/floor']):>26} "
+              f"{fmt(r['pdmp/bare']):>26} {fmt(r['pdmp_distinct/bare']):>26}")  # fmt: skip
+    print("\n4. whole training step (forward + backward + SGD step), SGD momentum")
+    for case in results["train_step"]:
+        print(f"  {case['model']}: {case['n_params'] / 1e6:.2f}M params, batch {case['batch']}; "
+              f"median ms {_ms(case['median_ms'])}")  # fmt: skip
+        for key, r in case["ratios"].items():
+            print(f"    {key:<20} {fmt(r)}")
+    comp = results["compile"]
+    print(f"\n5. torch.compile: {comp['status']}")
+    if comp["status"] == "ok":
+        print(f"  compile time s {comp['compile_s']}; median ms {_ms(comp['median_ms'])}")
+        for key, r in comp["ratios"].items():
+            print(f"    {key:<30} {fmt(r)}")
+        if "pdmp_graph_breaks" in comp:
+            print(f"  graph breaks in PDMPOptimizer.step: {comp['pdmp_graph_breaks']}")
+    else:
+        print(f"  {comp.get('reason') or comp.get('error')}")
+
+
+def _ms(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+
+    def bars(ax: Any, labels: list[str], entries: list[dict[str, float]], title: str) -> None:
+        med = [e["median"] for e in entries]
+        err = [[m - e["q25"] for m, e in zip(med, entries, strict=True)],
+               [e["q75"] - m for m, e in zip(med, entries, strict=True)]]  # fmt: skip
+        ax.barh(range(len(labels)), med, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("time ratio (median, IQR), log scale")
+        ax.invert_yaxis()
+
+    labels, entries = [], []
+    short = {"sgd": "SGD", "sgd-foreach": "SGD foreach", "adamw": "AdamW"}
+    for case in results["step"]:
+        for key in ("pdmp/floor", "pdmp/bare", "research/pdmp"):
+            if key in case["ratios"]:
+                labels.append(f"{short[case['optimizer']]} ({case['pdmp_mode']}): {key}")
+                entries.append(case["ratios"][key])
+    bars(axes[0, 0], labels, entries, "1. optimizer step, ResNet-18 pair")
+
+    ax = axes[0, 1]
+    xs = [c["n_params"] for c in results["scaling_params"]]
+    for key, color in (("pdmp/floor", "tab:blue"), ("pdmp/bare", "tab:orange"), ("floor/bare", "tab:green")):
+        rs = [c["ratios"][key] for c in results["scaling_params"]]
+        ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=key, color=color)
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("time ratio")
+    ax.set_title("2. scaling with parameter count (SGD momentum, foreach)", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 0]
+    xs = [c["modalities"] for c in results["scaling_modalities"]]
+    for key, color in (("pdmp/floor", "tab:blue"), ("pdmp/bare", "tab:orange"), ("pdmp_distinct/bare", "tab:red")):
+        rs = [c["ratios"][key] for c in results["scaling_modalities"]]
+        ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=key, color=color)
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xlabel("modalities (fixed total size)")
+    ax.set_ylabel("time ratio")
+    ax.set_title("3. scaling with modality count", fontsize=10)
+    ax.legend(fontsize=8)
+
+    labels, entries = [], []
+    for case in results["train_step"]:
+        for key in ("grad/unmodulated", "hook/unmodulated"):
+            labels.append(f"{case['model'][:28]}: {key}")
+            entries.append(case["ratios"][key])
+    bars(axes[1, 1], labels, entries, "4. whole training step vs unmodulated")
+    axes[1, 1].set_xscale("linear")
+
+    meta = results["meta"]
+    fig.suptitle(
+        f"pdmp-optim overhead, torch {meta['torch']}, {meta['cpu_threads']} CPU threads, "
+        f"load {meta['loadavg_start']} -> {meta['loadavg_end']} (shared, noisy machine)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _yerr(rs: list[dict[str, float]]) -> list[list[float]]:
+    return [[r["median"] - r["q25"] for r in rs], [r["q75"] - r["median"] for r in rs]]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few rounds, no compile")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for overhead.json/.png")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile comparison")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "meta": {
+            "command": "python benchmarks/overhead.py" + (" --quick" if args.quick else ""),
+            "quick": args.quick,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_threads": torch.get_num_threads(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "gamma_p": GAMMA_P,
+            "caveat": CAVEAT,
+        }
+    }
+    sections: list[tuple[str, Callable[[bool], Any]]] = [
+        ("step", run_step_cases),
+        ("scaling_params", run_scaling_params),
+        ("scaling_modalities", run_scaling_modalities),
+        ("train_step", run_train_steps),
+    ]
+    for key, fn in sections:
+        t0 = time.perf_counter()
+        results[key] = fn(args.quick)
+        print(f"[{key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    if args.skip_compile:
+        results["compile"] = {"status": "skipped", "reason": "--skip-compile"}
+    else:
+        t0 = time.perf_counter()
+        results["compile"] = run_compile(args.quick)
+        print(f"[compile: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_plot:
+        plot(results, args.out / "overhead.png")
+    print_table(results)
+    print(f"\nwrote {args.out / 'overhead.json'}" + ("" if args.no_plot else f" and {args.out / 'overhead.png'}"))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``benchmarks/overhead.py --quick`` runs end to end and writes complete, sane results (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "overhead.py"
+
+
+def ratios_in(node: object) -> list[float]:
+    """Every ratio median/q25/q75 found anywhere under a ``"ratios"`` key."""
+    found: list[float] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ratios":
+                for summary in value.values():
+                    found += [summary["median"], summary["q25"], summary["q75"]]
+            else:
+                found += ratios_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += ratios_in(item)
+    return found
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("overhead")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "overhead.json").read_text()), out, proc.stdout
+
+
+def test_quick_run_writes_json_png_and_a_table(quick_results: tuple[dict, Path, str]) -> None:
+    results, out, stdout = quick_results
+    assert set(results) == {"meta", "step", "scaling_params", "scaling_modalities", "train_step", "compile"}
+    assert (out / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pdmp/floor" in stdout and "shared, noisy machine" in stdout
+    meta = results["meta"]
+    assert meta["quick"] is True and meta["command"] == "python benchmarks/overhead.py --quick"
+    assert len(meta["loadavg_start"]) == 3 and len(meta["loadavg_end"]) == 3 and meta["caveat"]
+    assert results["compile"]["status"] == "skipped"
+
+
+def test_every_case_has_the_expected_comparisons(quick_results: tuple[dict, Path, str]) -> None:
+    results = quick_results[0]
+    by_optimizer = {case["optimizer"]: case for case in results["step"]}
+    assert set(by_optimizer) == {"sgd", "sgd-foreach", "adamw"}
+    for case in results["step"]:
+        assert {"pdmp/floor", "pdmp/bare", "floor/bare", "research/pdmp"} <= set(case["ratios"])
+        assert case["n_tensors"] > 100  # realistic per-layer tensors of two ResNet-18 trunks
+    assert by_optimizer["sgd"]["pdmp_mode"] == "grad" and by_optimizer["adamw"]["pdmp_mode"] == "lr"
+    assert "pdmp_grad/floor" in by_optimizer["adamw"]["ratios"]
+    sizes = [case["n_params"] for case in results["scaling_params"]]
+    assert len(sizes) >= 2 and sizes == sorted(sizes)
+    counts = [case["modalities"] for case in results["scaling_modalities"]]
+    assert len(counts) >= 2 and counts == sorted(counts)
+    # the paper's rule gives two distinct gammas however many modalities: two buckets
+    assert all(case["pdmp_buckets"] == 2 for case in results["scaling_modalities"])
+    assert all(case["pdmp_distinct_buckets"] == case["modalities"] for case in results["scaling_modalities"])
+    for case in results["train_step"]:
+        assert {"grad/unmodulated", "hook/unmodulated", "hook/grad"} == set(case["ratios"])
+
+
+def test_all_ratios_are_finite_and_positive(quick_results: tuple[dict, Path, str]) -> None:
+    values = ratios_in(quick_results[0])
+    assert len(values) > 30
+    assert all(math.isfinite(v) and v > 0 for v in values)
