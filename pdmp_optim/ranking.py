@@ -37,7 +37,8 @@ class ModalityRanking:
     Attributes:
         order: modalities from best to worst final score (ties keep the input order).
         final_scores: final score per modality.
-        early_scores: early score per modality, or ``None`` when only final scores were given.
+        early_scores: early score per modality (in input order, which breaks ties for ``m_o``), or ``None``
+            when only final scores were given.
         final_std / early_std: spread over runs.
         higher_is_better: ``True`` for accuracies, ``False`` for losses.
         run_winners: each run's own best final modality, one per run.
@@ -318,9 +319,9 @@ def rank_modalities(
     return ModalityRanking(
         order=order,
         final_scores={n: final[n] for n in order},
-        early_scores=None if early_mean is None else {n: early_mean[n] for n in order},
+        early_scores=early_mean,  # input order: ties for m_o go to the first listed, like ties for m_p
         final_std={n: final_std[n] for n in order},
-        early_std=None if early_std is None else {n: early_std[n] for n in order},
+        early_std=early_std,
         higher_is_better=higher_is_better,
         run_winners=run_winners,
         agreement=agreement,
