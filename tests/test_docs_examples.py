@@ -107,8 +107,9 @@ def test_page_examples_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         return
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    default_dtype, grad_enabled = torch.get_default_dtype(), torch.is_grad_enabled()
+    default_dtype, grad_enabled, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the examples use tiny tensors: threads only add overhead, badly so on a busy machine
     namespace: dict[str, object] = {"__name__": "docs_example_" + re.sub(r"\W", "_", name)}
     failure = None
     try:
@@ -123,6 +124,7 @@ def test_page_examples_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         torch.set_default_dtype(default_dtype)
         torch.set_grad_enabled(grad_enabled)
+        torch.set_num_threads(threads)
     if failure is not None:
         pytest.fail(failure, pytrace=False)
 
@@ -212,7 +214,12 @@ def test_figure_script_runs_fast(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.run(fast=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = module.run(fast=True)
+    finally:
+        torch.set_num_threads(threads)
     epochs = results["epochs"]
     for curves in (results["unimodal"], results["fused"], results["ratio"]):
         assert set(curves) in ({"audio", "visual"}, {"vanilla", "PDMP"})
@@ -224,3 +231,31 @@ def test_figure_script_runs_fast(tmp_path: Path) -> None:
     path = module.draw(results, tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (DOCS / "figures" / module.FIGURE_NAME).is_file(), "the committed figure is missing; run the script"
+
+
+def test_griffe_extension_fences_doctests() -> None:
+    """docs/griffe_doctests.py wraps docstring examples in code fences for the API reference."""
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("griffe_doctests", DOCS / "griffe_doctests.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Use it:\n>>> d = {'a': 1}\n>>> d\n{'a': 1}\n\nThen:\n    >>> x = 1\n```python\n>>> kept\n```"
+    assert module.fence_doctests(text).split("\n") == [
+        "Use it:",
+        "",
+        "```pycon",
+        ">>> d = {'a': 1}",
+        ">>> d",
+        "{'a': 1}",
+        "```",
+        "",
+        "Then:",
+        "",
+        "    ```pycon",
+        "    >>> x = 1",
+        "    ```",
+        "```python",
+        ">>> kept",
+        "```",
+    ]
