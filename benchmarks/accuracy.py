@@ -611,9 +611,13 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
     written = []
     names = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
     g = results["config"]["gamma_p"]
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax, name in zip(axes.flat, names, strict=False):
         data = results["tasks"][name]
         dom = ModalityRanking.from_dict(data["ranking"]).performance_dominant
         for key, label in (
@@ -633,7 +637,8 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"{name}: w = sum|s_{dom}| / sum|s_rest|", fontsize=9)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("w (validation set, mean over seeds)")
+    for row in axes:
+        row[0].set_ylabel("w (val set, mean over seeds)")
     fig.tight_layout()
     path = out_dir / "w_ratio.png"
     fig.savefig(path, dpi=110)

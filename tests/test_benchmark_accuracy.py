@@ -1,0 +1,187 @@
+"""Smoke tests of the accuracy benchmark's pieces: data, baselines, models, and a micro end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis
+from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train
+from benchmarks.data import TASKS, make_task
+
+SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
+
+
+@pytest.mark.parametrize("name", ["crema_d_like", "crema_d_like_nonlinear", "ave_like", "cefa_like"])
+def test_generators_are_seeded_and_shaped(name: str) -> None:
+    a, b, c = make_task(name, seed=1, **SMALL), make_task(name, seed=1, **SMALL), make_task(name, seed=2, **SMALL)
+    for split in ("train", "val", "test"):
+        (xa, ya), (xb, yb), (xc, _) = getattr(a, split), getattr(b, split), getattr(c, split)
+        assert torch.equal(ya, yb)
+        assert all(torch.equal(xa[m], xb[m]) for m in a.modalities)
+        assert not torch.equal(xa[a.modalities[0]], xc[a.modalities[0]])
+        n = SMALL["n_" + split]
+        assert ya.shape == (n,) and ya.dtype == torch.long and int(ya.min()) >= 0 and int(ya.max()) < a.num_classes
+        assert all(xa[m].shape == (n, a.dims[m]) and torch.isfinite(xa[m]).all() for m in a.modalities)
+    assert len(a.modalities) == (3 if name == "cefa_like" else 2)
+
+
+def test_digits_is_the_bundled_dataset_split_into_two_modalities() -> None:
+    task = make_task("digits", seed=0)
+    sizes = [int(getattr(task, s)[1].shape[0]) for s in ("train", "val", "test")]
+    assert sum(sizes) == 1797 and task.dims == {"image": 64, "profile": 16} and task.num_classes == 10
+    assert torch.equal(make_task("digits", seed=0).train[0]["image"], task.train[0]["image"])
+    # the profile is the standardised row/column sums: zero mean on the training split
+    assert task.train[0]["profile"].mean(0).abs().max() < 1e-4
+
+
+def test_knobs_change_the_data_and_bad_input_is_rejected() -> None:
+    easy = make_task("crema_d_like", noise=0.1, **SMALL)
+    hard = make_task("crema_d_like", noise=3.0, **SMALL)
+    assert hard.train[0]["visual"].std() > 2 * easy.train[0]["visual"].std()
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("cremad")
+    with pytest.raises(ValueError, match="n_train"):
+        make_task("ave_like", n_train=0)
+    assert set(TASKS) >= {"crema_d_like", "ave_like", "cefa_like", "digits"}
+
+
+@pytest.mark.parametrize(("name", "m_p", "m_o"), [("crema_d_like", "visual", "audio"), ("ave_like", "audio", "audio")])
+def test_unimodal_analysis_finds_the_constructed_dominant_modality(name: str, m_p: str, m_o: str) -> None:
+    task = make_task(name, n_train=1024, n_val=512, n_test=64, seed=0)
+    cfg = Config(analysis_epochs=12, analysis_seeds=1, analysis_subset=1.0, progress=False)
+    ranking = modality_analysis(task, cfg)
+    assert (
+        (ranking.performance_dominant, ranking.optimization_dominant)
+        == (m_p, m_o)
+        == (
+            task.expected["m_p"],
+            task.expected["m_o"],
+        )
+    )
+
+
+def test_ogm_coefficient_formula_on_a_hand_made_case() -> None:
+    # ratio 30/10 = 3: the dominant modality gets 1 - tanh(alpha * (3 - 1)); the other keeps its gradient
+    coeffs = ogm_coefficients({"audio": 30.0, "visual": 10.0}, alpha=0.5)
+    assert coeffs == {"audio": pytest.approx(1 - math.tanh(1.0)), "visual": 1.0}
+    assert ogm_coefficients({"a": 2.0, "v": 2.0}, alpha=3.0) == {"a": 1.0, "v": 1.0}
+    # three modalities: each is compared with the mean of the others
+    three = ogm_coefficients({"a": 4.0, "b": 1.0, "c": 1.0}, alpha=1.0)
+    assert three["a"] == pytest.approx(1 - math.tanh(3.0)) and three["b"] == three["c"] == 1.0
+    scores = ogm_scores({"a": torch.tensor([[2.0, 0.0], [0.0, 0.0]]), "v": torch.zeros(2, 2)}, torch.tensor([0, 1]))
+    assert scores["a"] == pytest.approx(torch.softmax(torch.tensor([2.0, 0.0]), 0)[0].item() + 0.5)
+    assert scores["v"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ogm_coefficients({"a": 1.0, "v": 1.0}, alpha=-1.0)
+
+
+def test_ogm_ge_scales_the_dominant_encoder_and_adds_noise_to_weights_only() -> None:
+    torch.manual_seed(0)
+    enc = {"a": nn.Linear(3, 4), "v": nn.Linear(3, 4)}
+    x = torch.randn(8, 3)
+    for e in enc.values():
+        e(x).pow(2).sum().backward()
+    before = {m: {n: p.grad.clone() for n, p in e.named_parameters()} for m, e in enc.items()}
+    parts = {"a": torch.tensor([[6.0, 0.0]]), "v": torch.tensor([[0.0, 0.0]])}
+    coeffs = OGMGE(enc, alpha=0.8, noise=False).modulate(parts, torch.tensor([0]))
+    assert coeffs["a"] < 1.0 and coeffs["v"] == 1.0
+    for n, p in enc["a"].named_parameters():
+        torch.testing.assert_close(p.grad, before["a"][n] * coeffs["a"])
+    for n, p in enc["v"].named_parameters():
+        assert torch.equal(p.grad, before["v"][n])
+    ge = OGMGE(enc, alpha=0.8, noise=True, generator=torch.Generator().manual_seed(0))
+    bias_before, weight_before = enc["v"].bias.grad.clone(), enc["v"].weight.grad.clone()
+    ge.modulate(parts, torch.tensor([0]))
+    assert torch.equal(enc["v"].bias.grad, bias_before)  # coefficient 1, and no noise on 1-D tensors
+    assert not torch.equal(enc["v"].weight.grad, weight_before)
+
+
+def test_udi_trains_the_anchor_first_then_freezes_it() -> None:
+    torch.manual_seed(0)
+    task = make_task("crema_d_like", n_train=128, n_val=32, n_test=32)
+    model = FusionModel(task.dims, task.num_classes, "concat", 16, 8)
+    x, y = task.train
+    batches = [({m: v[i : i + 32] for m, v in x.items()}, y[i : i + 32]) for i in range(0, 128, 32)]
+    snapshots = []
+    start = {m: [p.clone() for p in model.encoders[m].parameters()] for m in model.names}
+
+    def snap(epoch: int) -> None:
+        snapshots.append({m: [p.detach().clone() for p in model.encoders[m].parameters()] for m in model.names})
+
+    udi_train(
+        model.encoders,
+        model.head,
+        "visual",
+        nn.Linear(8, task.num_classes),
+        {"audio": nn.Linear(8, 8)},
+        lambda: batches,
+        lambda ps: torch.optim.SGD(ps, lr=0.05),
+        4,
+        on_epoch_end=snap,
+    )
+    assert len(snapshots) == 4
+    # phase A (epochs 0-1): only the anchor moves; phase B (epochs 2-3): the anchor is frozen, audio moves
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1]["audio"], start["audio"], strict=True))
+    assert not torch.equal(snapshots[1]["visual"][0], start["visual"][0])
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[3]["visual"], snapshots[1]["visual"], strict=True))
+    assert not torch.equal(snapshots[3]["audio"][0], snapshots[1]["audio"][0])
+    assert all(p.requires_grad for p in model.encoders["visual"].parameters())
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated"])
+def test_per_modality_contributions_add_up_to_the_logits(fusion: str) -> None:
+    torch.manual_seed(0)
+    model = FusionModel({"a": 5, "v": 7, "t": 3}, num_classes=4, fusion=fusion, hidden=8, features=6)
+    logits, feats = model.forward_features({"a": torch.randn(9, 5), "v": torch.randn(9, 7), "t": torch.randn(9, 3)})
+    parts = model.contributions(feats, with_bias=True)
+    assert parts is not None
+    torch.testing.assert_close(sum(parts.values()), logits)
+    assert (
+        FusionModel({"a": 2, "v": 2}, 3, "film").contributions({"a": torch.ones(1, 32), "v": torch.ones(1, 32)}) is None
+    )
+
+
+def test_macro_f1_matches_a_hand_computation() -> None:
+    pred, target = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 2, 0])
+    # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 2 fp 1 fn 0 -> 0.8
+    assert macro_f1(pred, target, 3) == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+
+
+def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, capsys) -> None:
+    cfg = Config(
+        tasks=("crema_d_like", "cefa_like"),
+        seeds=2,
+        epochs=2,
+        lr_multipliers=(1.0, 3.0),
+        gamma_sweep=(1.0, 15.0),
+        fusions=("concat", "film"),
+        analysis_epochs=2,
+        analysis_seeds=1,
+        hidden=8,
+        features=4,
+        task_knobs={"crema_d_like": SMALL, "cefa_like": SMALL},
+        out_dir=str(tmp_path),
+        progress=False,
+    )
+    main([], cfg=cfg)
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    crema = data["tasks"]["crema_d_like"]
+    assert set(crema["tables"]) == {"I", "III", "V", "VII"} and set(data["tasks"]["cefa_like"]["tables"]) == {"I"}
+    table = crema["tables"]["I"]
+    assert set(table) == set(cfg.methods)
+    for s in table.values():
+        assert 0.0 <= s["acc"] <= 1.0 and 0.0 <= s["f1"] <= 1.0 and s["n"] == 2 and s["acc_std"] >= 0.0
+    assert table["vanilla_best_lr"]["lr_mult"] in (1.0, 3.0)
+    assert set(crema["gammas"]) == {"audio", "visual"} and max(crema["gammas"].values()) == 15.0
+    run = crema["runs"]["pdmp|concat|lr_x1|gamma15"]["seeds"][0]
+    assert len(run["val_acc"]) == 2 and len(run["w"]) == 2 and all(w > 0 for w in run["w"])
+    assert "Table I" in (tmp_path / "accuracy.md").read_text()
+    for png in ("w_ratio.png", "gamma_sweep.png", "lr_control.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "performance-dominant" in out and "gammas" in out and "PDMP" in out
