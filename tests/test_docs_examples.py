@@ -233,13 +233,32 @@ def test_figure_script_runs_fast(tmp_path: Path) -> None:
     assert (DOCS / "figures" / module.FIGURE_NAME).is_file(), "the committed figure is missing; run the script"
 
 
-def test_griffe_extension_fences_doctests() -> None:
-    """docs/griffe_doctests.py wraps docstring examples in code fences for the API reference."""
+def _griffe_extension():
     pytest.importorskip("griffe")
     spec = importlib.util.spec_from_file_location("griffe_doctests", DOCS / "griffe_doctests.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_griffe_extension_links_roles() -> None:
+    """Sphinx roles become cross-references when the target resolves, plain code otherwise."""
+    module = _griffe_extension()
+    text = "See :func:`~pdmp_optim.rank_modalities`, :meth:`scale_grads_` and :attr:`unknown.thing`."
+    resolve = {
+        "pdmp_optim.rank_modalities": "pdmp_optim.rank_modalities",
+        "scale_grads_": "pdmp_optim.PDMPOptimizer.scale_grads_",
+    }.get
+    assert module.link_roles(text, resolve) == (
+        "See [`rank_modalities`][pdmp_optim.rank_modalities], "
+        "[`scale_grads_`][pdmp_optim.PDMPOptimizer.scale_grads_] and `unknown.thing`."
+    )
+
+
+def test_griffe_extension_fences_doctests() -> None:
+    """docs/griffe_doctests.py wraps docstring examples in code fences for the API reference."""
+    module = _griffe_extension()
     text = "Use it:\n>>> d = {'a': 1}\n>>> d\n{'a': 1}\n\nThen:\n    >>> x = 1\n```python\n>>> kept\n```"
     assert module.fence_doctests(text).split("\n") == [
         "Use it:",
