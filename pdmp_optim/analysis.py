@@ -6,17 +6,19 @@ fresh linear classifier, evaluates after every epoch, and ranks the modalities w
 
 >>> import torch
 >>> from torch import nn
+>>> from torch.nn.functional import one_hot
 >>> g = torch.Generator().manual_seed(0)
->>> def batch(n=32):  # audio: strong but right only 70% of the time; visual: always right but faint
-...     y = torch.randint(0, 2, (n,), generator=g)
-...     shown = torch.where(torch.rand(n, generator=g) < 0.7, y, 1 - y)
-...     audio = shown[:, None] * 4.0 - 2 + torch.randn(n, 4, generator=g)
-...     visual = 0.1 * (y[:, None] * 2.0 - 1 + 0.5 * torch.randn(n, 4, generator=g))
+>>> def batch(n=32):  # audio: loud but right only 70% of the time; visual: always right but faint (slow)
+...     y = torch.randint(0, 4, (n,), generator=g)
+...     shown = torch.where(torch.rand(n, generator=g) < 0.7, y, torch.randint(0, 4, (n,), generator=g))
+...     audio = 4.0 * one_hot(shown, 4) + torch.randn(n, 4, generator=g)
+...     visual = 0.2 * (2.0 * one_hot(y, 4) + 0.5 * torch.randn(n, 4, generator=g))
 ...     return {"audio": audio, "visual": visual}, y
 >>> train, val = [batch() for _ in range(8)], [batch() for _ in range(4)]
+>>> _ = torch.manual_seed(0)
 >>> encoders = {"audio": nn.Linear(4, 8), "visual": nn.Linear(4, 8)}
 >>> sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)
->>> ranking = analyze_modalities(encoders, train, val, num_classes=2, epochs=4, seeds=3, optimizer=sgd)
+>>> ranking = analyze_modalities(encoders, train, val, num_classes=4, epochs=6, seeds=3, optimizer=sgd)
 >>> ranking.performance_dominant, ranking.optimization_dominant, ranking.agreement
 ('visual', 'audio', 1.0)
 """
@@ -89,8 +91,9 @@ def analyze_modalities(
     Args:
         encoders: modality -> your ``nn.Module`` encoder (at least two modalities). Each must return one
             tensor whose first dimension is the batch.
-        train_batches / eval_batches: re-iterable data (a ``DataLoader``, a list) of ``(inputs, target)``
-            where ``inputs`` maps each modality to a tensor and ``target`` holds class indices.
+        train_batches: re-iterable data (a ``DataLoader``, a list) of ``(inputs, target)`` batches where
+            ``inputs`` maps each modality to a tensor and ``target`` holds class indices.
+        eval_batches: the same, for the validation data the probes are scored on after every epoch.
         num_classes: number of classes; targets must lie in ``[0, num_classes)``.
         epochs: training epochs per run; the early score is the one after epoch ``early_epoch + 1``.
         seeds: number of independent runs (classifier init, data order and the subset drawn differ).
@@ -104,7 +107,9 @@ def analyze_modalities(
             only when stderr is a terminal, ``False`` never, ``True`` always.
         device: where to train the copies (default: where each encoder's parameters are).
         seed: base seed; run ``r`` uses ``seed + r``. Your global RNG state is left as it was.
-        higher_is_better / early_epoch / warn: passed to :func:`~pdmp_optim.rank_modalities`.
+        higher_is_better: ``False`` when ``metric`` is a loss (passed to :func:`~pdmp_optim.rank_modalities`).
+        early_epoch: which epoch's score counts as early (passed to :func:`~pdmp_optim.rank_modalities`).
+        warn: emit one ``UserWarning`` when the ranking has notes (ties, near ties, disagreeing runs).
 
     Returns:
         A :class:`~pdmp_optim.ModalityRanking` over ``seeds`` runs, ready for ``PDMPOptimizer(ranking=...)``.
@@ -117,18 +122,20 @@ def analyze_modalities(
 
     >>> import torch
     >>> from torch import nn
+    >>> from torch.nn.functional import one_hot
     >>> from pdmp_optim import PDMPOptimizer
     >>> g = torch.Generator().manual_seed(0)
-    >>> def batch(n=32):  # audio: strong but right only 70% of the time; visual: always right but faint
-    ...     y = torch.randint(0, 2, (n,), generator=g)
-    ...     shown = torch.where(torch.rand(n, generator=g) < 0.7, y, 1 - y)
-    ...     audio = shown[:, None] * 4.0 - 2 + torch.randn(n, 4, generator=g)
-    ...     visual = 0.1 * (y[:, None] * 2.0 - 1 + 0.5 * torch.randn(n, 4, generator=g))
+    >>> def batch(n=32):  # audio: loud but right only 70% of the time; visual: always right but faint (slow)
+    ...     y = torch.randint(0, 4, (n,), generator=g)
+    ...     shown = torch.where(torch.rand(n, generator=g) < 0.7, y, torch.randint(0, 4, (n,), generator=g))
+    ...     audio = 4.0 * one_hot(shown, 4) + torch.randn(n, 4, generator=g)
+    ...     visual = 0.2 * (2.0 * one_hot(y, 4) + 0.5 * torch.randn(n, 4, generator=g))
     ...     return {"audio": audio, "visual": visual}, y
-    >>> train, val = [batch() for _ in range(8)], [batch() for _ in range(4)]
-    >>> model = nn.ModuleDict({"audio": nn.Linear(4, 8), "visual": nn.Linear(4, 8), "head": nn.Linear(16, 2)})
+    >>> train, val = [batch() for _ in range(16)], [batch() for _ in range(4)]
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.ModuleDict({"audio": nn.Linear(4, 8), "visual": nn.Linear(4, 8), "head": nn.Linear(16, 4)})
     >>> encoders = {"audio": model["audio"], "visual": model["visual"]}
-    >>> ranking = analyze_modalities(encoders, train, val, num_classes=2, epochs=4, seeds=3, subset=0.5,
+    >>> ranking = analyze_modalities(encoders, train, val, num_classes=4, epochs=6, seeds=3, subset=0.5,
     ...                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
     >>> ranking.performance_dominant, ranking.optimization_dominant, ranking.agreement
     ('visual', 'audio', 1.0)

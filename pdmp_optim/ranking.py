@@ -39,7 +39,8 @@ class ModalityRanking:
         final_scores: final score per modality.
         early_scores: early score per modality (in input order, which breaks ties for ``m_o``), or ``None``
             when only final scores were given.
-        final_std / early_std: spread over runs.
+        final_std: spread of the final scores over runs.
+        early_std: spread of the early scores over runs (``None`` without early scores).
         higher_is_better: ``True`` for accuracies, ``False`` for losses.
         run_winners: each run's own best final modality, one per run.
         agreement: fraction of runs whose own winner is :attr:`performance_dominant` (1.0 for one run).
