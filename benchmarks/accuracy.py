@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baselines import OGMGE, udi_train
-from benchmarks.data import Task, make_task
+from benchmarks.data import TASKS, Task, make_task
 from pdmp_optim import ModalityRanking, PDMPOptimizer
 from pdmp_optim.analysis import analyze_modalities
 
@@ -66,7 +66,7 @@ class Config:
     tasks: tuple[str, ...] = ("crema_d_like", "crema_d_like_nonlinear", "ave_like", "cefa_like", "digits")
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
     tables: tuple[str, ...] = ("I", "III", "V", "VII")
-    ablation_task: str = "crema_d_like"  # Tables III, V, VII run on this task
+    ablation_tasks: tuple[str, ...] = ("crema_d_like", "digits")  # Tables III, V, VII run on these
     seeds: int = 10
     epochs: int = 30
     batch_size: int = 64
@@ -410,7 +410,7 @@ def _plan(cfg: Config) -> list[tuple[str, str, str, float, float]]:
                     add(task, "vanilla", "concat", g, g)
                 else:
                     add(task, method, "concat", 1.0, g)
-        if task != cfg.ablation_task:
+        if task not in cfg.ablation_tasks:
             continue
         if "III" in cfg.tables:
             for fusion in cfg.fusions:
@@ -476,6 +476,15 @@ def run_benchmark(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _paired_delta(runs: Mapping[tuple, list[dict[str, Any]]], job: tuple, base: tuple) -> dict[str, float] | None:
+    """Test-accuracy difference to vanilla, paired by seed (same init and data order): mean, std, n."""
+    if job not in runs or base not in runs:
+        return None
+    diffs = [a["acc"] - b["acc"] for a, b in zip(runs[job], runs[base], strict=True)]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"mean": statistics.fmean(diffs), "std": sd, "n": len(diffs)}
+
+
 def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) -> dict[str, Any]:
     g = cfg.gamma_p
 
@@ -484,6 +493,7 @@ def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) 
         return _summary(runs[job]) if job in runs else None
 
     tables: dict[str, Any] = {}
+    base = (task, "vanilla", "concat", 1.0, g)
     if "I" in cfg.tables:
         table = {}
         for method in cfg.methods:
@@ -491,12 +501,15 @@ def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) 
                 sweep = {mult: summ("vanilla", mult=mult) for mult in cfg.lr_multipliers}
                 best = max(sweep, key=lambda k: sweep[k]["val_acc"])  # type: ignore[index]
                 table[method] = {**sweep[best], "lr_mult": best}  # type: ignore[dict-item]
+                table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, "vanilla", "concat", best, g), base)
             elif method == "vanilla_lr_x_gamma":
                 table[method] = summ("vanilla", mult=g)
+                table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, "vanilla", "concat", g, g), base)
             else:
                 table[method] = summ(method)
+                table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, method, "concat", 1.0, g), base)
         tables["I"] = table
-    if task == cfg.ablation_task:
+    if task in cfg.ablation_tasks:
         if "III" in cfg.tables:
             tables["III"] = {f: {"vanilla": summ("vanilla", f), "pdmp": summ("pdmp", f)} for f in cfg.fusions}
         if "V" in cfg.tables:
@@ -561,6 +574,22 @@ def to_markdown(results: Mapping[str, Any]) -> str:
                 if s is not None and "lr_mult" in s:
                     row[-2] += f" (lr x{s['lr_mult']:g})"
             lines.append("| " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Test-accuracy difference to vanilla SGD (points), paired by seed (same initialisation and data order),"
+            " mean ± std over seeds:",
+            "",
+            "| Method | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for method in cfg["methods"]:
+            if method == "vanilla":
+                continue
+            cells = []
+            for n in names:
+                d = (tables[n]["I"].get(method) or {}).get("delta_vs_vanilla")
+                cells.append("n/a" if d is None else f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}")
+            lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
         lines.append("")
     for n, t in tables.items():
         if "III" in t:
@@ -656,7 +685,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"Table V: gamma_p sweep ({name})", fontsize=9)
             fig.tight_layout()
-            path = out_dir / "gamma_sweep.png"
+            path = out_dir / f"gamma_sweep_{name}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -675,7 +704,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title(f"Table VII: learning-rate control ({name})", fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
-            path = out_dir / "lr_control.png"
+            path = out_dir / f"lr_control_{name}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -697,13 +726,19 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     """Command-line entry point; ``cfg`` overrides the mode's configuration (tests pass a micro config)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="README main job: one task, 3 methods, ~1 minute")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 5)")
+    parser.add_argument("--task", action="append", help="run only this task (repeatable); e.g. --task digits")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default: 10, or 5 with --quick)")
     parser.add_argument("--epochs", type=int, help="training epochs per run")
     parser.add_argument("--out", help="output folder (default benchmarks/results, or results/quick with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
     if cfg is None:
         cfg = quick_config() if args.quick else Config()
+    if args.task:
+        unknown = [t for t in args.task if t not in TASKS]
+        if unknown:
+            parser.error(f"unknown task(s) {unknown}; pick from {sorted(TASKS)}")
+        cfg = replace(cfg, tasks=tuple(args.task))
     if args.seeds is not None:
         cfg = replace(cfg, seeds=args.seeds)
     if args.epochs is not None:

@@ -181,7 +181,8 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
     run = crema["runs"]["pdmp|concat|lr_x1|gamma15"]["seeds"][0]
     assert len(run["val_acc"]) == 2 and len(run["w"]) == 2 and all(w > 0 for w in run["w"])
     assert "Table I" in (tmp_path / "accuracy.md").read_text()
-    for png in ("w_ratio.png", "gamma_sweep.png", "lr_control.png"):
+    assert table["pdmp"]["delta_vs_vanilla"]["n"] == 2 and table["vanilla_best_lr"]["delta_vs_vanilla"] is not None
+    for png in ("w_ratio.png", "gamma_sweep_crema_d_like.png", "lr_control_crema_d_like.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "performance-dominant" in out and "gammas" in out and "PDMP" in out
