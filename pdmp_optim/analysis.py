@@ -208,10 +208,11 @@ def unimodal_histories(
     score = metric if metric is not None else accuracy
     split = _Splitter(names, num_classes, batch_fn)
     histories: dict[str, list[list[float]]] = {name: [] for name in names}
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    # Everything that may draw random numbers (even iter() on a DataLoader does) runs on a forked, seeded RNG.
+    cuda_devices = _cuda_devices(encoders, target_device)
+    # Everything that may draw random numbers (even iter() on a DataLoader does) runs on a forked, seeded RNG:
+    # the CPU generator and those of the CUDA devices the probes use, and no other device's.
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
+        _seed(seed, cuda_devices)
         _check_reiterable(train_batches, "train_batches")
         _check_reiterable(eval_batches, "eval_batches")
         n_train = _count(train_batches)
@@ -225,7 +226,7 @@ def unimodal_histories(
         try:
             for run in range(seeds):
                 run_seed = seed + run
-                torch.manual_seed(run_seed)
+                _seed(run_seed, cuda_devices)
                 chosen = _choose(n_train, n_used, run_seed)
                 probes = {
                     name: _Probe(name, encoders[name], first[0][name], num_classes, target_device, make_optimizer)
@@ -248,6 +249,27 @@ def unimodal_histories(
 
 
 # ------------------------------------------------------------------------------------------------ internals
+def _cuda_devices(encoders: Mapping[str, nn.Module], device: torch.device | None) -> list[int]:
+    """Indices of the CUDA devices the probes will run on."""
+    if device is not None:
+        devices = [device]
+    else:
+        devices = [t.device for e in encoders.values() for t in (*e.parameters(), *e.buffers())]
+    found = set()
+    for d in devices:
+        if d.type == "cuda":
+            found.add(d.index if d.index is not None else torch.cuda.current_device())
+    return sorted(found)
+
+
+def _seed(seed: int, cuda_devices: list[int]) -> None:
+    """Seed the CPU generator and the given CUDA devices' (``torch.manual_seed`` would touch every device)."""
+    torch.random.default_generator.manual_seed(seed)
+    for index in cuda_devices:
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+
+
 def _paper_sgd(params: list[Tensor]) -> Optimizer:
     """The paper's optimizer: SGD, lr 1e-3, momentum 0.9, weight decay 1e-4."""
     return SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)

@@ -45,7 +45,8 @@ class ModalityRanking:
         run_winners: each run's own best final modality, one per run.
         agreement: fraction of runs whose own winner is :attr:`performance_dominant` (1.0 for one run).
         notes: why the ranking may not be trustworthy (ties, near ties, disagreeing runs); empty when it is
-            clear. When it is not empty, :func:`rank_modalities` warned once with the same text.
+            clear. When it is not empty, :func:`rank_modalities` warned once with the same text (unless
+            called with ``warn=False``).
 
     >>> r = rank_modalities({"a": 0.6, "v": 0.7}, early={"a": 0.5, "v": 0.3})
     >>> ModalityRanking.from_dict(r.to_dict()) == r
