@@ -391,3 +391,45 @@ def test_progress_line_when_asked_and_slow() -> None:
     bar.close()
     text = bar.stream.getvalue()
     assert text.startswith("\ranalyze_modalities run 1/1 epoch 1/2 [") and "50%" in text and text.endswith("\n")
+
+
+# -------------------------------------------------------------------------------------- data sources, devices
+class Reiterable:
+    """A re-iterable source with no len() and no indexing, like a streaming dataset."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+        self.loaded = 0
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            self.loaded += 1
+            yield batch
+
+
+def test_sources_without_len_give_the_same_histories_as_lists() -> None:
+    kwargs = dict(num_classes=C, epochs=2, seeds=2, subset=0.25, optimizer=fast_sgd)
+    stream = Reiterable(TRAIN)
+    assert unimodal_histories(make_encoders(), stream, Reiterable(VAL), **kwargs) == unimodal_histories(
+        make_encoders(), TRAIN, VAL, **kwargs
+    )
+    # counting (16) + the first batch (1) + per run and epoch, loading stops after the last chosen batch
+    assert stream.loaded < 16 + 1 + 2 * 2 * 16
+
+
+def test_device_argument_and_frozen_parameters() -> None:
+    encoders = make_encoders()
+    encoders["quick"][0].weight.requires_grad_(False)
+    seen: list[list[tuple[tuple[int, ...], bool]]] = []
+
+    def recording_sgd(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        seen.append([(tuple(p.shape), p.requires_grad) for p in params])
+        return fast_sgd(params)
+
+    kwargs = dict(num_classes=C, epochs=1, subset=0.25, optimizer=recording_sgd)
+    on_cpu = unimodal_histories(encoders, TRAIN, VAL, device="cpu", **kwargs)
+    assert on_cpu == unimodal_histories(encoders, TRAIN, VAL, **kwargs)
+    quick_params = seen[0]
+    assert (16, QUICK_DIM) not in [shape for shape, _ in quick_params]  # the frozen weight is not trained
+    assert quick_params == [((16,), True), ((16,), True), ((16,), True), ((C, 16), True), ((C,), True)]
+    assert encoders["quick"][0].weight.requires_grad is False
