@@ -95,7 +95,8 @@ def analyze_modalities(
             ``inputs`` maps each modality to a tensor and ``target`` holds class indices.
         eval_batches: the same, for the validation data the probes are scored on after every epoch.
         num_classes: number of classes; targets must lie in ``[0, num_classes)``.
-        epochs: training epochs per run; the early score is the one after epoch ``early_epoch + 1``.
+        epochs: training epochs per run; the early score is the one after epoch ``early_epoch + 1``. With
+            ``epochs=1`` there is no early score and ``optimization_dominant`` is ``None``.
         seeds: number of independent runs (classifier init, data order and the subset drawn differ).
         subset: fraction in (0, 1] of the training batches each run trains on, drawn per run.
         optimizer: factory ``params -> Optimizer``; default: the paper's SGD (lr 1e-3, momentum 0.9,
