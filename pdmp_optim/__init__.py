@@ -5,7 +5,10 @@
 'visual'
 """
 
+from .analysis import analyze_modalities, unimodal_histories
+from .backward import EncoderGradScaling, scale_encoder_grads
 from .coefficients import pdmp_gammas
+from .diagnostics import logit_ratio, modality_grad_norms
 from .modes import is_scale_invariant, resolve_mode
 from .optimizer import PDMPOptimizer
 from .ranking import ModalityRanking, rank_modalities
@@ -13,11 +16,17 @@ from .ranking import ModalityRanking, rank_modalities
 __version__ = "0.1.0"
 
 __all__ = [
+    "EncoderGradScaling",
     "ModalityRanking",
     "PDMPOptimizer",
     "__version__",
+    "analyze_modalities",
     "is_scale_invariant",
+    "logit_ratio",
+    "modality_grad_norms",
     "pdmp_gammas",
     "rank_modalities",
     "resolve_mode",
+    "scale_encoder_grads",
+    "unimodal_histories",
 ]
