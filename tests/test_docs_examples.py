@@ -155,9 +155,13 @@ def test_parse_blocks_handles_fences_snippets_and_lines() -> None:
 
 
 def test_api_page_lists_every_public_name() -> None:
+    """Each public name has a mkdocstrings entry (``__version__`` and other dunders: a mention)."""
     api = (DOCS / "api.md").read_text(encoding="utf-8")
-    missing = [name for name in pdmp_optim.__all__ if not re.search(rf"\b{re.escape(name)}\b", api)]
-    assert not missing, f"docs/api.md does not mention {missing}; add a '::: pdmp_optim.NAME' entry for each"
+    entries = {target.rsplit(".", 1)[-1] for target in re.findall(r"^:::\s+([\w.]+)", api, flags=re.MULTILINE)}
+    missing = [
+        name for name in pdmp_optim.__all__ if (name not in api if name.startswith("__") else name not in entries)
+    ]
+    assert not missing, f"docs/api.md has no entry for {missing}; add a '::: pdmp_optim.NAME' entry for each"
 
 
 def test_api_page_entries_resolve() -> None:
