@@ -27,5 +27,5 @@ def test_torchrun_ddp_example_trains_with_two_processes():
     assert "visual: gamma=15" in result.stdout and "audio: gamma=0.0666667" in result.stdout
     accuracies = [float(a) for a in re.findall(r"test accuracy ([0-9.]+)", result.stdout)]
     assert len(accuracies) == 2, output
-    assert accuracies[-1] > 0.5, output  # 4 classes: chance is 0.25
+    assert accuracies[-1] > 0.4, output  # 4 classes: chance is 0.25
     assert "2 replicas in sync" in result.stdout
