@@ -1,0 +1,141 @@
+"""Lightning: ``configure_optimizers`` returning a ``PDMPOptimizer``, ``Trainer.fit`` on CPU, and a resume.
+
+Lightning steps through ``optimizer.step(closure)``; its closure runs ``training_step``, ``backward``,
+``on_before_optimizer_step`` and gradient clipping, and PDMP multiplies the gradients when it returns.
+Every run is compared with a plain-torch loop over the same batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pl = pytest.importorskip("lightning.pytorch", reason="needs the [lightning] extra: pip install 'pdmp-optim[lightning]'")
+
+import torch  # noqa: E402
+from _integration_util import (  # noqa: E402
+    GAMMAS,
+    assert_same_params,
+    groups,
+    loss_fn,
+    make_batches,
+    make_model,
+    scale_grads_reference,
+)
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from pdmp_optim import PDMPOptimizer  # noqa: E402
+
+STEPS, MAX_NORM = 4, 0.05
+
+
+def sgd(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+class PDMPModule(pl.LightningModule):
+    def __init__(self, gammas: dict[str, float] = GAMMAS, scale_before_clip: bool = False) -> None:
+        super().__init__()
+        self.model = make_model()
+        self.gammas = gammas
+        self.scale_before_clip = scale_before_clip
+
+    def training_step(self, batch, batch_idx):
+        return loss_fn(self.model, batch)
+
+    def configure_optimizers(self):
+        return PDMPOptimizer(sgd(self.model.parameters()), groups(self.model), gammas=self.gammas)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.scale_before_clip:
+            optimizer.scale_grads_()  # Lightning clips right after this hook
+
+
+def loader(steps: int = STEPS) -> DataLoader:
+    batches = make_batches(steps)
+    return DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*batches, strict=True))), batch_size=8)
+
+
+def trainer(max_steps: int = STEPS, **kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def reference(steps: int = STEPS, clip: str | None = None):
+    model = make_model()
+    opt = sgd(model.parameters())
+    for batch in make_batches(steps):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        if clip == "clip-scale":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        scale_grads_reference(model)
+        if clip == "scale-clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+    return model
+
+
+def test_fit_applies_pdmp():
+    module = PDMPModule()
+    trainer().fit(module, loader())
+    assert isinstance(module.optimizers().optimizer, PDMPOptimizer)
+    assert_same_params(module.model, reference())
+
+
+def test_gradient_clip_val_clips_before_pdmp_scales():
+    module = PDMPModule()
+    trainer(gradient_clip_val=MAX_NORM).fit(module, loader())
+    assert_same_params(module.model, reference(clip="clip-scale"))
+
+
+@pytest.mark.xfail(
+    reason="core: PDMPOptimizer.step(closure) scales again after scale_grads_() ran inside the closure "
+    "(reported to the lead; remove this mark once fixed)",
+    strict=False,
+)
+def test_scale_grads_in_on_before_optimizer_step_then_lightning_clips():
+    module = PDMPModule(scale_before_clip=True)
+    trainer(gradient_clip_val=MAX_NORM).fit(module, loader())
+    assert_same_params(module.model, reference(clip="scale-clip"))
+
+
+def test_checkpoint_resume_restores_pdmp_state(tmp_path):
+    # one batch per epoch: Lightning 2.6 replays the epoch's first batches when it resumes a plain
+    # DataLoader, so with a single batch the resumed and the uninterrupted runs see the same data
+    whole = PDMPModule()
+    trainer().fit(whole, loader(1))
+
+    first = PDMPModule()
+    first_trainer = trainer(max_steps=2)
+    first_trainer.fit(first, loader(1))
+    path = tmp_path / "half.ckpt"
+    first_trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["optimizer_states"][0]
+    assert saved["pdmp"]["gammas"] == GAMMAS
+    assert saved["pdmp"]["modalities"] == {"audio": [0, 1], "visual": [2, 3]}  # state-dict parameter ids
+
+    resumed = PDMPModule()
+    resumed.model = make_model(seed=123)  # different weights: everything must come from the checkpoint
+    trainer().fit(resumed, loader(1), ckpt_path=path)
+    assert_same_params(resumed.model, whole.model)
+    assert resumed.optimizers().optimizer.gammas == GAMMAS
+
+    # control: the same weights with a fresh optimizer (momentum lost) end elsewhere
+    weights_only = PDMPModule()
+    weights_only.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    trainer(max_steps=2).fit(weights_only, loader(1))
+    assert not torch.equal(weights_only.model.audio.weight, whole.model.audio.weight)
+
+    # the PDMP configuration travels in the checkpoint: resuming with other gammas is refused
+    other = PDMPModule(gammas={"audio": 1.0, "visual": 15.0})
+    with pytest.raises(ValueError, match="checkpoint was saved with PDMP gammas"):
+        trainer().fit(other, loader(1), ckpt_path=path)
