@@ -98,24 +98,26 @@ def explain(optimizer: str, wrap: bool) -> torch._dynamo.backends.debugging.Expl
 
 
 def first_line(reason: str) -> str:
-    return next(line.strip() for line in reason.splitlines() if "Explanation" in line or line.strip())
+    return next(line.strip() for line in reason.splitlines() if line.strip())
 
 
-def main(steps: int = 6) -> None:
+def main(steps: int = 6) -> dict[tuple[str, bool], dict[str, object]]:
+    """Print the table; return each (optimizer, wrapped) run with its ``explain`` output."""
     print(f"torch {torch.__version__}, backend inductor, {steps} steps")
-    header = (
-        "optimizer                 wrapped  explain: graphs breaks   compiled graphs after step 2 / at end   breaks"
-    )
-    print(header)
+    print("optimizer                 wrapped  explain: graphs breaks   compiled graphs after step 2 / at end   breaks")
+    runs = {}
     for optimizer in OPTIMIZERS:
         for wrap in (False, True):
             ex = explain(optimizer, wrap)
             run = train(optimizer, wrap, steps, compiled=True)
+            run["explain"] = ex
+            runs[optimizer, wrap] = run
             graphs = run["graphs_per_step"]
             reasons = "; ".join(first_line(r) for r in run["graph_break_reasons"])
             label = "PDMP" if wrap else "bare"
             print(f"{optimizer:25s} {label:8s} {ex.graph_count:15d} {ex.graph_break_count:6d}   "
                   f"{graphs[1]:28d} / {graphs[-1]:<6d}   {reasons}")  # fmt: skip
+    return runs
 
 
 if __name__ == "__main__":

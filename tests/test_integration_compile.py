@@ -24,12 +24,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """The compiled runs of ``python examples/compile_counts.py`` (its ``main``), bare and wrapped."""
+    return counts["main"](steps=STEPS)
+
+
 @pytest.mark.parametrize("optimizer", list(counts["OPTIMIZERS"]))
-def test_compiled_step_matches_eager_and_breaks_only_where_the_bare_optimizer_does(optimizer):
-    train, explain = counts["train"], counts["explain"]
-    eager = train(optimizer, wrap=True, steps=STEPS, compiled=False)
-    compiled = train(optimizer, wrap=True, steps=STEPS, compiled=True)
-    bare = train(optimizer, wrap=False, steps=STEPS, compiled=True)
+def test_compiled_step_matches_eager_and_breaks_only_where_the_bare_optimizer_does(optimizer, runs):
+    eager = counts["train"](optimizer, wrap=True, steps=STEPS, compiled=False)
+    compiled, bare = runs[optimizer, True], runs[optimizer, False]
 
     # inductor's fused Adam differs from eager by ~4e-7 after 5 steps here; PDMP's 15x learning rate on
     # "visual" makes that ~6e-6, hence atol 2e-5 (SGD's compiled step differs by ~6e-8)
@@ -45,7 +49,7 @@ def test_compiled_step_matches_eager_and_breaks_only_where_the_bare_optimizer_do
     assert compiled["graph_break_reasons"] == bare["graph_break_reasons"]
     assert all("graph_break()" in r or "marked as skipped" in r for r in compiled["graph_break_reasons"])
 
-    ex_pdmp, ex_bare = explain(optimizer, wrap=True), explain(optimizer, wrap=False)
+    ex_pdmp, ex_bare = compiled["explain"], bare["explain"]
     if "SGD" in optimizer:
         # grad mode: the foreach multiplies form one small graph in front of torch.optim's graph break
         assert ex_pdmp.graph_count == ex_bare.graph_count + 1
