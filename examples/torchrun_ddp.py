@@ -1,11 +1,13 @@
-"""Train a two-modality model with PDMP under DistributedDataParallel.
+"""Train a two-modality model with PDMP under DistributedDataParallel, or FSDP2 with ``--fsdp``.
 
-Two processes on CPU (gloo):      torchrun --nproc-per-node 2 examples/torchrun_ddp.py
-One process per GPU (NCCL):       torchrun --nproc-per-node 4 examples/torchrun_ddp.py
+Two processes on CPU (gloo):      torchrun --nproc-per-node 2 examples/torchrun_ddp.py [--fsdp]
+One process per GPU (NCCL):       torchrun --nproc-per-node 4 examples/torchrun_ddp.py [--fsdp]
 
 DDP averages the gradients during ``backward()``, so when ``opt.step()`` runs every rank holds the same
 averaged gradients and PDMP multiplies them exactly as it would in one process. Nothing PDMP-specific is
-needed beyond building ``groups`` from the model's modules (the unwrapped model, or ``ddp.module``).
+needed beyond building ``groups`` from the model's modules (the model before wrapping, or ``ddp.module``).
+FSDP2's ``fully_shard`` replaces every parameter by a DTensor shard whose gradient is the shard of the averaged
+gradient; build the optimizer and ``PDMPOptimizer`` after sharding, from the sharded modules.
 The data are those of ``examples/demo.py``: "audio" is learnt fast but capped, "visual" is slow but ends
 higher, so "visual" is the performance-dominant modality and "audio" the optimization-dominant one.
 """
@@ -18,10 +20,11 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from pdmp_optim import PDMPOptimizer
+from pdmp_optim import PDMPOptimizer, modality_grad_norms
 
 CLASSES = 4
 
@@ -47,11 +50,17 @@ class Fusion(nn.Module):
         return self.head(torch.cat([self.audio(audio), self.visual(visual)], dim=1))
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2 shard) is gathered, a plain tensor is returned as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
@@ -61,10 +70,19 @@ def main() -> None:
     if use_cuda:
         torch.cuda.set_device(device)
 
-    torch.manual_seed(0)  # DDP broadcasts rank 0's initial weights anyway
+    torch.manual_seed(0)  # the same initial weights on every rank
     model = Fusion().to(device)
-    ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
-    sgd = torch.optim.SGD(ddp.parameters(), lr=5e-3, momentum=0.9, weight_decay=1e-4)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for module in (model.audio, model.visual, model.head):
+            fully_shard(module, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)  # the same module, now with DTensor parameters
+    else:
+        wrapped = DDP(model, device_ids=[device.index] if use_cuda else None)
+    sgd = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9, weight_decay=1e-4)
     opt = PDMPOptimizer(
         sgd, {"audio": model.audio, "visual": model.visual}, dominant="visual", optimization_dominant="audio"
     )
@@ -76,19 +94,27 @@ def main() -> None:
     loader = DataLoader(train, batch_size=args.global_batch // world, sampler=sampler, drop_last=True)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        for audio, visual, y in loader:
-            loss = nn.functional.cross_entropy(ddp(audio.to(device), visual.to(device)), y.to(device))
+        for index, (audio, visual, y) in enumerate(loader):
+            loss = nn.functional.cross_entropy(wrapped(audio.to(device), visual.to(device)), y.to(device))
             opt.zero_grad()
-            loss.backward()  # DDP all-reduces (averages) the gradients here
+            loss.backward()  # DDP all-reduces (FSDP2 reduce-scatters) the averaged gradients here
+            if index == len(loader) - 1:  # once an epoch: gradient norms before and after PDMP's scaling
+                before = modality_grad_norms(opt)
+                opt.scale_grads_()  # step() will not scale again
+                after = modality_grad_norms(opt)
+                # under FSDP2 each norm is a DTensor: full() completes it, a collective that every rank runs
+                readout = {m: f"{full(before[m]):.3g}/{full(after[m]):.3g}" for m in before}
+                if rank == 0:
+                    print("grad norms before/after PDMP:", readout)
             opt.step()  # PDMP multiplies the averaged gradients, then SGD steps: identical on every rank
+        with torch.no_grad():  # every rank evaluates: FSDP2's forward needs all of them
+            audio, visual, y = (t.to(device) for t in test.tensors)
+            accuracy = (wrapped(audio, visual).argmax(1) == y).float().mean().item()
         if rank == 0:
-            with torch.no_grad():
-                audio, visual, y = (t.to(device) for t in test.tensors)
-                accuracy = (model(audio, visual).argmax(1) == y).float().mean().item()
             print(f"epoch {epoch}: loss {loss.item():.4f}, test accuracy {accuracy:.3f}")
 
-    # every replica must hold the same parameters
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # every replica must hold the same parameters (under FSDP2: the same full parameters)
+    flat = torch.cat([full(p.detach()).flatten() for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:
