@@ -50,9 +50,9 @@ class PDMPModule(pl.LightningModule):
             optimizer.scale_grads_()  # Lightning clips right after this hook
 
 
-def loader(steps: int = STEPS) -> DataLoader:
-    batches = make_batches(steps)
-    return DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*batches, strict=True))), batch_size=8)
+def loader(steps: int = STEPS, micro: int = 1) -> DataLoader:
+    batches = make_batches(steps * micro, batch=8 // micro)
+    return DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*batches, strict=True))), batch_size=8 // micro)
 
 
 def trainer(max_steps: int = STEPS, **kwargs) -> pl.Trainer:
@@ -69,12 +69,14 @@ def trainer(max_steps: int = STEPS, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**options, **kwargs})
 
 
-def reference(steps: int = STEPS, clip: str | None = None):
+def reference(steps: int = STEPS, clip: str | None = None, micro: int = 1):
     model = make_model()
     opt = sgd(model.parameters())
-    for batch in make_batches(steps):
+    batches = make_batches(steps * micro, batch=8 // micro)
+    for step in range(steps):
         opt.zero_grad()
-        loss_fn(model, batch).backward()
+        for batch in batches[step * micro : (step + 1) * micro]:
+            (loss_fn(model, batch) / micro).backward()
         if clip == "clip-scale":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         scale_grads_reference(model)
@@ -89,6 +91,13 @@ def test_fit_applies_pdmp():
     trainer().fit(module, loader())
     assert isinstance(module.optimizers().optimizer, PDMPOptimizer)
     assert_same_params(module.model, reference())
+
+
+def test_accumulate_grad_batches_scales_once_per_step():
+    module = PDMPModule()
+    trainer(accumulate_grad_batches=2).fit(module, loader(micro=2))
+    assert module.global_step == STEPS
+    assert_same_params(module.model, reference(micro=2))
 
 
 def test_gradient_clip_val_clips_before_pdmp_scales():
