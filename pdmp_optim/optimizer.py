@@ -190,7 +190,8 @@ class PDMPOptimizer(Optimizer):
         """Scale (unless :meth:`scale_grads_` already did), then take the inner optimizer's step.
 
         With a ``closure``, the gradients it computes are scaled every time the inner optimizer evaluates
-        it (once for SGD/Adam, repeatedly for LBFGS).
+        it (once for SGD/Adam, repeatedly for LBFGS), unless the closure itself called :meth:`scale_grads_`
+        (as a Lightning ``on_before_optimizer_step`` hook that scales before clipping does).
         """
         inner_closure = closure
         if self._mode == "grad":
@@ -359,7 +360,8 @@ class PDMPOptimizer(Optimizer):
     def _scaling_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def scaled_closure() -> Any:
             loss = closure()
-            self._apply_grad_scaling()
+            if not self._grads_already_scaled():  # the closure may call scale_grads_() itself (Lightning hooks)
+                self._apply_grad_scaling()
             return loss
 
         return scaled_closure

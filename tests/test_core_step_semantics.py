@@ -184,3 +184,26 @@ def test_lr_mode_step_does_no_tensor_work_of_its_own():
         return [c for c in calls if not c.startswith("_record_function")]
 
     assert tensor_ops(wrapped_ops.calls) == tensor_ops(plain_ops.calls)
+
+
+def test_a_closure_that_calls_scale_grads_itself_is_not_scaled_twice():
+    # Lightning runs on_before_optimizer_step and gradient clipping inside the closure it passes to step()
+    model, opt, plain_model, plain, plain_groups = pair()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, 0)
+        loss.backward()
+        opt.scale_grads_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
+        return loss
+
+    opt.step(closure)
+    loss_of(plain_model, 0).backward()
+    with torch.no_grad():
+        for name, params in plain_groups.items():
+            for p in params:
+                p.grad.mul_(opt.gammas[name])
+    torch.nn.utils.clip_grad_norm_(plain_model.parameters(), max_norm=0.5)
+    plain.step()
+    assert params_equal(model, plain_model)
