@@ -751,13 +751,24 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     results = run_benchmark(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "accuracy.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (out_dir / "accuracy.json").write_text(json.dumps(_rounded(results), default=_json_default))
     (out_dir / "accuracy.md").write_text(to_markdown(results) + "\n")
     if cfg.plots:
         write_plots(results, out_dir)
     print_summary(results)
     print(f"results: {out_dir / 'accuracy.md'}, {out_dir / 'accuracy.json'}")
     return results
+
+
+def _rounded(obj: Any) -> Any:
+    """Floats rounded to 6 decimals (accuracies are multiples of 1/n anyway); keeps the JSON small."""
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, Mapping):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
