@@ -696,6 +696,20 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             p = t["VII"]["pdmp"]
             ax.axhline(100 * p["acc"], color="C1", label=f"PDMP (lr x1, gamma_p {g:g})")
             ax.axhspan(100 * (p["acc"] - p["acc_std"]), 100 * (p["acc"] + p["acc_std"]), color="C1", alpha=0.15)
+            top = max([*ys, 100 * p["acc"]])
+            shown = [y for y in [*ys, 100 * p["acc"]] if y > top - 15]  # diverged runs would squash the axis
+            ax.set_ylim(min(shown) - 2, top + 1.5)
+            for x, y in zip(xs, ys, strict=True):
+                if y <= top - 15:
+                    ax.annotate(
+                        f"{y:.1f}% (off scale)",
+                        (x, min(shown) - 2),
+                        xytext=(0, 8),
+                        textcoords="offset points",
+                        ha="center",
+                        fontsize=7,
+                        arrowprops={"arrowstyle": "->"},
+                    )
             ax.set_xscale("log")
             ax.set_xlabel("learning-rate multiplier (whole model)")
             ax.set_ylabel("test accuracy (%)")
