@@ -131,6 +131,11 @@ def small_cnn(in_channels: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def mlp_encoder(d_in: int) -> nn.Module:
+    """A parameter-heavy, compute-light encoder (about 8.6M parameters): where the optimizer step is dear."""
+    return nn.Sequential(nn.Linear(d_in, 2048), nn.ReLU(), nn.Linear(2048, 2560), nn.ReLU(), nn.Linear(2560, 512))
+
+
 def width_for(n_params_per_encoder: float) -> int:
     """ResNet-18 trunk width with about this many parameters (the count grows with width squared)."""
     return max(4, round(64 * math.sqrt(n_params_per_encoder / 11.17e6)))
@@ -184,7 +189,14 @@ def alternate(
 
 
 def paired_ratios(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
-    return {f"{a}/{b}": summarize([x / y for x, y in zip(times[a], times[b], strict=True)]) for a, b in pairs}
+    """Median and IQR of per-round ratios, plus ``min_ratio``: the ratio of the two fastest (least disturbed)
+    samples, a second estimate that is robust to bursts of load from other processes."""
+    out = {}
+    for a, b in pairs:
+        summary = summarize([x / y for x, y in zip(times[a], times[b], strict=True)])
+        summary["min_ratio"] = min(times[a]) / min(times[b])
+        out[f"{a}/{b}"] = summary
+    return out
 
 
 def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
@@ -301,7 +313,7 @@ def step_case(bench: StepBench, kind: str, rounds: int, with_research: bool = Tr
 
 def run_step_cases(quick: bool) -> list[dict[str, Any]]:
     bench = StepBench(resnet_pair(8 if quick else 64))
-    rounds = 3 if quick else 40
+    rounds = 3 if quick else 80
     return [step_case(bench, kind, rounds) for kind in ("sgd", "sgd-foreach", "adamw")]
 
 
@@ -310,7 +322,7 @@ def run_scaling_params(quick: bool) -> list[dict[str, Any]]:
     out = []
     for size in sizes:
         bench = StepBench(resnet_pair(width_for(size / 2)))
-        case = step_case(bench, "sgd-foreach", rounds=3 if quick else 25, with_research=False)
+        case = step_case(bench, "sgd-foreach", rounds=3 if quick else 30, with_research=False)
         case["target_params"] = size
         out.append(case)
         del bench
@@ -338,7 +350,7 @@ def run_scaling_modalities(quick: bool) -> list[dict[str, Any]]:
         }
         probe = alternate({"bare": variants["bare"]}, bench.reset, rounds=3, steps=1, warmup=1)
         steps = steps_for(min(probe["bare"]))
-        times = alternate(variants, bench.reset, rounds=3 if quick else 25, steps=steps)
+        times = alternate(variants, bench.reset, rounds=3 if quick else 40, steps=steps)
         out.append(
             {
                 "modalities": count,
@@ -360,7 +372,9 @@ def run_scaling_modalities(quick: bool) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- training step
-def train_case(name: str, model: MultiModalNet, inputs: dict[str, Tensor], rounds: int) -> dict[str, Any]:
+def train_case(
+    name: str, model: MultiModalNet, inputs: dict[str, Tensor], rounds: int, target_s: float = 0.05
+) -> dict[str, Any]:
     """Whole training step: unmodulated vs PDMPOptimizer("grad") vs backward hooks, on identical copies."""
     target = torch.randint(0, 6, (next(iter(inputs.values())).shape[0],), generator=torch.Generator().manual_seed(0))
     dominant = list(model.encoders)[-1]
@@ -385,7 +399,7 @@ def train_case(name: str, model: MultiModalNet, inputs: dict[str, Tensor], round
 
     variants = {key: make_step(key) for key in models}
     probe = alternate({"unmodulated": variants["unmodulated"]}, lambda: None, rounds=2, steps=1, warmup=1)
-    steps = max(1, min(20, round(0.05 / min(probe["unmodulated"]))))
+    steps = max(1, min(500, round(target_s / min(probe["unmodulated"]))))
     times = alternate(variants, lambda: None, rounds=rounds, steps=steps)
     hooks.remove()
     batch = next(iter(inputs.values())).shape[0]
@@ -398,6 +412,13 @@ def train_case(name: str, model: MultiModalNet, inputs: dict[str, Tensor], round
         "steps_per_sample": steps,
         "median_ms": median_ms(times),
         "ratios": paired_ratios(times, [("grad", "unmodulated"), ("hook", "unmodulated"), ("hook", "grad")]),
+        "added_us": {
+            f"{key}-unmodulated": {
+                k: (v * 1e6 if k != "n" else v)
+                for k, v in summarize([a - b for a, b in zip(times[key], times["unmodulated"], strict=True)]).items()
+            }
+            for key in ("grad", "hook")
+        },
     }
 
 
@@ -406,12 +427,31 @@ def run_train_steps(quick: bool) -> list[dict[str, Any]]:
     out = []
     cnn = MultiModalNet({"audio": small_cnn(1), "visual": small_cnn(3)}, [256, 256])
     batch, side = (4, 16) if quick else (32, 64)
-    inputs = {"audio": torch.randn(batch, 1, side, side, generator=gen), "visual": torch.randn(batch, 3, side, side)}
-    out.append(train_case("small CNN pair (4 conv layers each)", cnn, inputs, rounds=3 if quick else 40))
+    inputs = {
+        "audio": torch.randn(batch, 1, side, side, generator=gen),
+        "visual": torch.randn(batch, 3, side, side, generator=gen),
+    }
+    out.append(train_case("small CNN pair (4 conv layers each)", cnn, inputs, rounds=3 if quick else 100))
     if not quick:
-        inputs = {"audio": torch.randn(8, 1, 64, 64, generator=gen), "visual": torch.randn(8, 3, 64, 64)}
-        out.append(train_case("ResNet-18 pair, 64x64 inputs", resnet_pair(64), inputs, rounds=20))
+        mlp = MultiModalNet({"audio": mlp_encoder(1024), "visual": mlp_encoder(1024)}, [512, 512])
+        inputs = {"audio": torch.randn(16, 1024, generator=gen), "visual": torch.randn(16, 1024, generator=gen)}
+        out.append(train_case("MLP pair (8.6M params each), batch 16", mlp, inputs, rounds=60))
+        inputs = {"audio": torch.randn(8, 1, 64, 64, generator=gen), "visual": torch.randn(8, 3, 64, 64, generator=gen)}
+        out.append(train_case("ResNet-18 pair, 64x64 inputs, batch 8", resnet_pair(64), inputs, rounds=40))
     return out
+
+
+def run_hook_cost(quick: bool) -> dict[str, Any]:
+    """Absolute time the modulation adds to a training step, on a tiny model where fixed costs dominate.
+
+    The whole-step ratios above cannot resolve differences under about 1-3% on a noisy machine; this measures
+    the added microseconds directly (paired differences over many steps), to set against a real step time.
+    """
+    torch.manual_seed(0)
+    model = MultiModalNet({"audio": nn.Linear(32, 64), "visual": nn.Linear(32, 64)}, [64, 64])
+    inputs = {"audio": torch.randn(16, 32), "visual": torch.randn(16, 32)}
+    case = train_case("tiny linear pair (fixed costs)", model, inputs, rounds=3 if quick else 60, target_s=0.02)
+    return case
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -478,14 +518,17 @@ def run_compile(quick: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ report
 def fmt(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}]"
+    return f"{r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}] min {r['min_ratio']:.3f}"
 
 
 def print_table(results: dict[str, Any]) -> None:
     meta = results["meta"]
     print(f"\npdmp-optim overhead benchmark ({'quick' if meta['quick'] else 'full'}), torch {meta['torch']}")
     print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; {CAVEAT}")
-    print("ratios: median [q25, q75] of paired per-round ratios; < 1 means the first is faster\n")
+    print(
+        "ratios: median [q25, q75] of paired per-round ratios, then min = ratio of the fastest samples; "
+        "< 1 means the first is faster\n"
+    )
     print("1. optimizer step, two ResNet-18 encoders + head")
     for case in results["step"]:
         print(f"  {case['label']}: {case['n_params'] / 1e6:.1f}M params, {case['n_tensors']} tensors, "
@@ -493,23 +536,27 @@ def print_table(results: dict[str, Any]) -> None:
         for key, r in case["ratios"].items():
             print(f"    {key:<20} {fmt(r)}")
     print("\n2. scaling with parameter count (SGD momentum, foreach)")
-    print(f"  {'params':>8} {'pdmp/floor':>26} {'pdmp/bare':>26} {'bare ms':>9}")
+    print(f"  {'params':>8} {'pdmp/floor':>36} {'pdmp/bare':>36} {'bare ms':>9}")
     for case in results["scaling_params"]:
         r = case["ratios"]
-        print(f"  {case['n_params'] / 1e6:>7.1f}M {fmt(r['pdmp/floor']):>26} {fmt(r['pdmp/bare']):>26} "
+        print(f"  {case['n_params'] / 1e6:>7.1f}M {fmt(r['pdmp/floor']):>36} {fmt(r['pdmp/bare']):>36} "
               f"{case['median_ms']['bare']:>9.2f}")  # fmt: skip
     print("\n3. scaling with modality count (SGD momentum, foreach, fixed total size)")
-    print(f"  {'M':>3} {'buckets':>7} {'pdmp/floor':>26} {'pdmp/bare':>26} {'pdmp_distinct/bare':>26}")
+    print(f"  {'M':>3} {'buckets':>7} {'pdmp/floor':>36} {'pdmp/bare':>36} {'pdmp_distinct/bare':>36}")
     for case in results["scaling_modalities"]:
         r = case["ratios"]
-        print(f"  {case['modalities']:>3} {case['pdmp_buckets']:>7} {fmt(r['pdmp/floor']):>26} "
-              f"{fmt(r['pdmp/bare']):>26} {fmt(r['pdmp_distinct/bare']):>26}")  # fmt: skip
+        print(f"  {case['modalities']:>3} {case['pdmp_buckets']:>7} {fmt(r['pdmp/floor']):>36} "
+              f"{fmt(r['pdmp/bare']):>36} {fmt(r['pdmp_distinct/bare']):>36}")  # fmt: skip
     print("\n4. whole training step (forward + backward + SGD step), SGD momentum")
     for case in results["train_step"]:
         print(f"  {case['model']}: {case['n_params'] / 1e6:.2f}M params, batch {case['batch']}; "
               f"median ms {_ms(case['median_ms'])}")  # fmt: skip
         for key, r in case["ratios"].items():
             print(f"    {key:<20} {fmt(r)}")
+    cost = results["hook_cost"]
+    print(f"\n4b. added time per training step, {cost['model']}: median ms {_ms(cost['median_ms'])}")
+    for key, r in cost["added_us"].items():
+        print(f"    {key:<20} {r['median']:+.1f} us [{r['q25']:+.1f}, {r['q75']:+.1f}]")
     comp = results["compile"]
     print(f"\n5. torch.compile: {comp['status']}")
     if comp["status"] == "ok":
@@ -532,18 +579,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10), layout="constrained")
 
     def bars(ax: Any, labels: list[str], entries: list[dict[str, float]], title: str) -> None:
         med = [e["median"] for e in entries]
         err = [[m - e["q25"] for m, e in zip(med, entries, strict=True)],
                [e["q75"] - m for m, e in zip(med, entries, strict=True)]]  # fmt: skip
-        ax.barh(range(len(labels)), med, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+        ax.errorbar(med, range(len(labels)), xerr=err, fmt="o", color="tab:blue", capsize=3)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.axvline(1.0, color="black", lw=1)
-        ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("time ratio (median, IQR), log scale")
+        ax.set_xlabel("time ratio: median and IQR of paired ratios (1 = same time)")
+        ax.grid(axis="x", alpha=0.3)
         ax.invert_yaxis()
 
     labels, entries = [], []
@@ -581,10 +628,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     labels, entries = [], []
     for case in results["train_step"]:
         for key in ("grad/unmodulated", "hook/unmodulated"):
-            labels.append(f"{case['model'][:28]}: {key}")
+            labels.append(f"{case['model'].split(',')[0]}: {key}")
             entries.append(case["ratios"][key])
-    bars(axes[1, 1], labels, entries, "4. whole training step vs unmodulated")
-    axes[1, 1].set_xscale("linear")
+    bars(axes[1, 1], labels, entries, "4. whole training step (SGD momentum) vs unmodulated")
 
     meta = results["meta"]
     fig.suptitle(
@@ -592,7 +638,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
         f"load {meta['loadavg_start']} -> {meta['loadavg_end']} (shared, noisy machine)",
         fontsize=10,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -606,12 +651,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few rounds, no compile")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for overhead.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--replot", action="store_true", help="only redraw overhead.png from --out's overhead.json")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile comparison")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        results = json.loads((args.out / "overhead.json").read_text())
+        plot(results, args.out / "overhead.png")
+        print_table(results)
+        return results
 
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -636,6 +687,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("scaling_params", run_scaling_params),
         ("scaling_modalities", run_scaling_modalities),
         ("train_step", run_train_steps),
+        ("hook_cost", run_hook_cost),
     ]
     for key, fn in sections:
         t0 = time.perf_counter()

@@ -46,7 +46,15 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path,
 
 def test_quick_run_writes_json_png_and_a_table(quick_results: tuple[dict, Path, str]) -> None:
     results, out, stdout = quick_results
-    assert set(results) == {"meta", "step", "scaling_params", "scaling_modalities", "train_step", "compile"}
+    assert set(results) == {
+        "meta",
+        "step",
+        "scaling_params",
+        "scaling_modalities",
+        "train_step",
+        "hook_cost",
+        "compile",
+    }
     assert (out / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pdmp/floor" in stdout and "shared, noisy machine" in stdout
     meta = results["meta"]
@@ -71,8 +79,10 @@ def test_every_case_has_the_expected_comparisons(quick_results: tuple[dict, Path
     # the paper's rule gives two distinct gammas however many modalities: two buckets
     assert all(case["pdmp_buckets"] == 2 for case in results["scaling_modalities"])
     assert all(case["pdmp_distinct_buckets"] == case["modalities"] for case in results["scaling_modalities"])
-    for case in results["train_step"]:
+    for case in [*results["train_step"], results["hook_cost"]]:
         assert {"grad/unmodulated", "hook/unmodulated", "hook/grad"} == set(case["ratios"])
+        assert {"grad-unmodulated", "hook-unmodulated"} == set(case["added_us"])
+        assert all(math.isfinite(v["median"]) for v in case["added_us"].values())
 
 
 def test_all_ratios_are_finite_and_positive(quick_results: tuple[dict, Path, str]) -> None:
