@@ -371,3 +371,20 @@ def test_unsupported_output_type_is_rejected_at_forward() -> None:
     enc = Weird()
     with scale_encoder_grads({"audio": enc}, {"audio": 2.0}), pytest.raises(TypeError, match="returned a set"):
         enc(torch.randn(1, 2))
+
+
+def test_output_modified_in_place_downstream_is_still_scaled() -> None:
+    # the tensor hook is registered before fusion's in-place op; autograd fires it on the pre-op gradient
+    torch.manual_seed(3)
+    enc, x = nn.Linear(3, 4), torch.randn(5, 3)
+    ref = copy.deepcopy(enc)
+
+    def loss(e: nn.Module) -> torch.Tensor:
+        out = e(x)
+        out.relu_()
+        return (out**2).sum()
+
+    loss(ref).backward()
+    with scale_encoder_grads({"audio": enc}, {"audio": 4.0}):
+        loss(enc).backward()
+    assert all(torch.equal(p.grad, 4.0 * q.grad) for p, q in zip(enc.parameters(), ref.parameters(), strict=True))
