@@ -15,6 +15,7 @@ higher, so "visual" is the performance-dominant modality and "audio" the optimiz
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -120,8 +121,19 @@ def main() -> None:
     if rank == 0:
         assert all(torch.equal(g, flat) for g in gathered), "replicas diverged"
         print(f"{world} replicas in sync")
-    dist.destroy_process_group()
+
+
+def run() -> None:
+    """``main()``, then a clean shutdown: the model, its gradients and any pending gloo work are released while
+    the interpreter is still fully alive (otherwise gloo's threads can abort the process at exit)."""
+    try:
+        main()
+        dist.barrier()
+    finally:
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run()

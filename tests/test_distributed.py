@@ -7,6 +7,7 @@ single-process reference and compares.
 
 from __future__ import annotations
 
+import gc
 import os
 import traceback
 from pathlib import Path
@@ -137,7 +138,12 @@ def worker(rank: int, port: int, out: str) -> None:
                 results[name] = traceback.format_exc()
             dist.barrier()
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
+        # release models, gradients and gloo work while the interpreter is fully alive (gloo's threads can
+        # otherwise abort the process at exit)
+        results.clear()
+        gc.collect()
         dist.destroy_process_group()
 
 

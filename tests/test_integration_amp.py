@@ -153,7 +153,12 @@ def test_grad_scaler_with_adam_in_lr_mode():
     model = make_model()
     opt = PDMPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), groups(model), gammas=GAMMAS)
     assert opt.mode == "lr"
-    assert [g["modality"] for g in opt.param_groups] == ["audio", "visual", None]
+    # lr mode splits the single param group into audio, visual and shared (head) groups, in that order
+    assert [g["params"] for g in opt.param_groups] == [
+        list(model.audio.parameters()),
+        list(model.visual.parameters()),
+        list(model.head.parameters()),
+    ]
     amp = scaler()
 
     ref = make_model()
