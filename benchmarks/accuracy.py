@@ -61,7 +61,11 @@ METHOD_LABELS = {
 
 @dataclass
 class Config:
-    """Everything that defines a benchmark run; the JSON output records it."""
+    """Everything that defines a benchmark run; the JSON output records it. Override fields to shrink a run.
+
+    >>> Config().seeds, Config(tasks=("digits",), seeds=5).tasks
+    (10, ('digits',))
+    """
 
     tasks: tuple[str, ...] = ("crema_d_like", "crema_d_like_nonlinear", "ave_like", "cefa_like", "digits")
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
@@ -425,8 +429,24 @@ def _plan(cfg: Config) -> list[tuple[str, str, str, float, float]]:
 
 
 def run_benchmark(cfg: Config) -> dict[str, Any]:
-    """Run stage 1 and every planned training run; return the results (what ``accuracy.json`` holds)."""
+    """Run stage 1 and every planned training run; return the results (what ``accuracy.json`` holds).
+
+    >>> small = {"n_train": 64, "n_val": 32, "n_test": 32}
+    >>> cfg = Config(tasks=("ave_like",), methods=("vanilla", "pdmp"), tables=("I",), seeds=2, epochs=1,
+    ...              analysis_epochs=1, analysis_seeds=1, task_knobs={"ave_like": small}, progress=False)
+    >>> results = run_benchmark(cfg)
+    >>> sorted(results["tasks"]["ave_like"]["tables"]["I"]), results["tasks"]["ave_like"]["tables"]["I"]["pdmp"]["n"]
+    (['pdmp', 'vanilla'], 2)
+    """
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves the other cores alone
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     tasks = {name: make_task(name, **cfg.task_knobs.get(name, {})) for name in cfg.tasks}
     jobs = _plan(cfg)
@@ -738,7 +758,10 @@ def print_summary(results: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[str, Any]:
-    """Command-line entry point; ``cfg`` overrides the mode's configuration (tests pass a micro config)."""
+    """Command-line entry point: ``python benchmarks/accuracy.py [--quick] [--task NAME] [--seeds N] [--out DIR]``.
+
+    ``cfg`` replaces the mode's configuration (the tests pass a micro one); the flags still apply on top.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="README main job: one task, 3 methods, < 1 minute")
     parser.add_argument("--task", action="append", help="run only this task (repeatable); e.g. --task digits")

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis
-from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train
-from benchmarks.data import TASKS, make_task
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # `benchmarks/` is a folder of scripts, not an installed package
+    sys.path.insert(0, ROOT)
+
+import benchmarks.accuracy  # noqa: E402
+import benchmarks.baselines  # noqa: E402
+import benchmarks.data  # noqa: E402
+from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis  # noqa: E402
+from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train  # noqa: E402
+from benchmarks.data import TASKS, make_task  # noqa: E402
 
 SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
 
@@ -168,7 +178,9 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
         out_dir=str(tmp_path),
         progress=False,
     )
+    threads = torch.get_num_threads()
     main([], cfg=cfg)
+    assert torch.get_num_threads() == threads  # the run's single-thread setting is undone
     data = json.loads((tmp_path / "accuracy.json").read_text())
     crema = data["tasks"]["crema_d_like"]
     assert set(crema["tables"]) == {"I", "III", "V", "VII"} and set(data["tasks"]["cefa_like"]["tables"]) == {"I"}
@@ -186,3 +198,10 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "performance-dominant" in out and "gammas" in out and "PDMP" in out
+
+
+@pytest.mark.parametrize("module", [benchmarks.data, benchmarks.baselines, benchmarks.accuracy])
+def test_docstring_examples_of_the_benchmark_modules(module) -> None:
+    # pytest's --doctest-modules covers pdmp_optim/ only; the benchmark modules' examples are checked here
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
