@@ -106,11 +106,6 @@ def test_gradient_clip_val_clips_before_pdmp_scales():
     assert_same_params(module.model, reference(clip="clip-scale"))
 
 
-@pytest.mark.xfail(
-    reason="core: PDMPOptimizer.step(closure) scales again after scale_grads_() ran inside the closure "
-    "(reported to the lead; remove this mark once fixed)",
-    strict=False,
-)
 def test_scale_grads_in_on_before_optimizer_step_then_lightning_clips():
     module = PDMPModule(scale_before_clip=True)
     trainer(gradient_clip_val=MAX_NORM).fit(module, loader())
