@@ -54,6 +54,7 @@ METHOD_LABELS = {
     "ogm_ge": "OGM-GE",
     "udi": "UDI-style sequential",
     "pdmp": "PDMP (SGD, grad mode)",
+    "pdmp_best_lr": "PDMP, best lr of sweep (val)",
     "adamw": "Vanilla AdamW",
     "pdmp_adamw": "PDMP AdamW (auto mode)",
 }
@@ -405,9 +406,9 @@ def _plan(cfg: Config) -> list[tuple[str, str, str, float, float]]:
     for task in cfg.tasks:
         if "I" in cfg.tables:
             for method in cfg.methods:
-                if method == "vanilla_best_lr":
+                if method in ("vanilla_best_lr", "pdmp_best_lr"):
                     for mult in cfg.lr_multipliers:
-                        add(task, "vanilla", "concat", mult, g)
+                        add(task, method.removesuffix("_best_lr"), "concat", mult, g)
                 elif method == "vanilla_lr_x_gamma":  # the same run as vanilla at lr x gamma_p
                     add(task, "vanilla", "concat", g, g)
                 else:
@@ -515,11 +516,12 @@ def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) 
     if "I" in cfg.tables:
         table = {}
         for method in cfg.methods:
-            if method == "vanilla_best_lr":
-                sweep = {mult: summ("vanilla", mult=mult) for mult in cfg.lr_multipliers}
+            if method in ("vanilla_best_lr", "pdmp_best_lr"):
+                swept = method.removesuffix("_best_lr")
+                sweep = {mult: summ(swept, mult=mult) for mult in cfg.lr_multipliers}
                 best = max(sweep, key=lambda k: sweep[k]["val_acc"])  # type: ignore[index]
                 table[method] = {**sweep[best], "lr_mult": best}  # type: ignore[dict-item]
-                table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, "vanilla", "concat", best, g), base)
+                table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, swept, "concat", best, g), base)
             elif method == "vanilla_lr_x_gamma":
                 table[method] = summ("vanilla", mult=g)
                 table[method]["delta_vs_vanilla"] = _paired_delta(runs, (task, "vanilla", "concat", g, g), base)

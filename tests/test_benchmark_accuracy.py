@@ -41,6 +41,7 @@ def test_generators_are_seeded_and_shaped(name: str) -> None:
 
 
 def test_digits_is_the_bundled_dataset_split_into_two_modalities() -> None:
+    pytest.importorskip("sklearn")  # the `bench` extra
     task = make_task("digits", seed=0)
     sizes = [int(getattr(task, s)[1].shape[0]) for s in ("train", "val", "test")]
     assert sum(sizes) == 1797 and task.dims == {"image": 64, "profile": 16} and task.num_classes == 10
@@ -163,6 +164,7 @@ def test_macro_f1_matches_a_hand_computation() -> None:
 
 
 def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")  # the `bench` extra
     cfg = Config(
         tasks=("crema_d_like", "cefa_like"),
         seeds=2,
@@ -203,5 +205,6 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
 @pytest.mark.parametrize("module", [benchmarks.data, benchmarks.baselines, benchmarks.accuracy])
 def test_docstring_examples_of_the_benchmark_modules(module) -> None:
     # pytest's --doctest-modules covers pdmp_optim/ only; the benchmark modules' examples are checked here
+    pytest.importorskip("sklearn")  # benchmarks.data's digits example
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
