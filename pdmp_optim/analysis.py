@@ -301,7 +301,7 @@ class _Probe:
         with torch.no_grad():
             features = self._features(example.to(device))
         self.head = nn.Linear(features.shape[1], num_classes, device=device, dtype=features.dtype)
-        params = [p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.requires_grad]
+        params: list[Tensor] = [p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(params)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(

@@ -91,12 +91,14 @@ class PDMPOptimizer(Optimizer):
                 "build it first, e.g. PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), groups, ...)"
             )
         self._optimizer = optimizer
-        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = OrderedDict()
+        # Optimizer.__init__ would rebuild param_groups, so create its hook registries here (timm's Lookahead
+        # once skipped them, and later torch versions trip over their absence)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
         self._mode, self._mode_reason = resolve_mode(optimizer, mode)
@@ -265,12 +267,12 @@ class PDMPOptimizer(Optimizer):
         A plain inner-optimizer state dict (from a run without PDMP) is accepted too when its param groups
         line up with this optimizer's.
         """
-        state_dict = dict(state_dict)
+        loaded: dict[str, Any] = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
+            result = pre_hook(self, loaded)
             if result is not None:
-                state_dict = result
-        config = state_dict.pop(_STATE_KEY, None)
+                loaded = result
+        config = loaded.pop(_STATE_KEY, None)
         if config is not None:
             mine, theirs = self._config(), {**config, "modalities": dict(config.get("modalities", {}))}
             for key, what in (("mode", "mode"), ("gammas", "gammas"), ("modalities", "parameters per modality")):
@@ -280,13 +282,13 @@ class PDMPOptimizer(Optimizer):
                         "build PDMPOptimizer with the checkpoint's groups, mode and gammas, or, to change them on "
                         "purpose, load only the inner state with opt.optimizer.load_state_dict(...)"
                     )
-        saved_groups = state_dict.get("param_groups", [])
+        saved_groups = loaded.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}; "
                 "was it saved from an optimizer with the same param groups (and the same PDMP mode)?"
             )
-        self._optimizer.load_state_dict(state_dict)
+        self._optimizer.load_state_dict(loaded)
         self._scaled_marker = None
         self._build()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -341,7 +343,11 @@ class PDMPOptimizer(Optimizer):
         ]
 
     def _apply_grad_scaling(self) -> tuple[Tensor, Tensor] | None:
-        """One ``_foreach_mul_`` per bucket; returns (param, grad) of a scaled gradient as a marker."""
+        """One ``_foreach_mul_`` per bucket; returns (param, grad) of a scaled gradient as a marker.
+
+        The only per-parameter Python work is collecting the current ``.grad`` references (backward may have
+        replaced them since the last step), exactly what torch's own optimizers do in ``step()``.
+        """
         marker = None
         with torch.no_grad():
             for gamma, params in self._buckets:
@@ -402,6 +408,7 @@ def _membership(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
         raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
     for modality, spec in groups.items():
         _check_name(modality)
+        params: list[Tensor]
         if isinstance(spec, nn.Module):
             params = list(spec.parameters())
         elif isinstance(spec, Tensor):
