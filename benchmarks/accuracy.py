@@ -1,7 +1,8 @@
 """Accuracy benchmark: does prioritising the performance-dominant modality help?
 
-Run ``python benchmarks/accuracy.py --quick`` (under a minute on 2 CPU cores: the modality ranking, the gammas,
-and vanilla vs PDMP vs the best-learning-rate control on the CREMA-D-like task) or ``python
+Run ``python benchmarks/accuracy.py --quick`` (about a minute on 2 CPU cores: the modality ranking, the gammas,
+and the best unimodal model vs vanilla vs the best-learning-rate control vs PDMP on the CREMA-D-like task and on
+the shortcut task built to show the paper's premise) or ``python
 benchmarks/accuracy.py`` (every task and table; writes ``benchmarks/results/accuracy.{json,md}`` and PNG plots).
 
 Stage 1 is the paper's modality analysis: one unimodal model (encoder + linear head) per modality, trained on a
@@ -48,6 +49,7 @@ __all__ = ["Config", "FusionModel", "main", "quick_config", "run_benchmark"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 METHOD_LABELS = {
+    "best_unimodal": "Best unimodal (modality chosen on val)",
     "vanilla": "Vanilla (SGD, concat)",
     "vanilla_lr_x_gamma": "Vanilla, lr x gamma_p",
     "vanilla_best_lr": "Vanilla, best lr of sweep (val)",
@@ -68,10 +70,17 @@ class Config:
     (10, ('digits',))
     """
 
-    tasks: tuple[str, ...] = ("crema_d_like", "crema_d_like_nonlinear", "ave_like", "cefa_like", "digits")
+    tasks: tuple[str, ...] = (
+        "crema_d_like",
+        "crema_d_shortcut",
+        "crema_d_like_nonlinear",
+        "ave_like",
+        "cefa_like",
+        "digits",
+    )
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
     tables: tuple[str, ...] = ("I", "III", "V", "VII")
-    ablation_tasks: tuple[str, ...] = ("crema_d_like", "digits")  # Tables III, V, VII run on these
+    ablation_tasks: tuple[str, ...] = ("crema_d_like", "crema_d_shortcut", "digits")  # Tables III, V, VII
     seeds: int = 10
     epochs: int = 30
     batch_size: int = 64
@@ -97,14 +106,17 @@ class Config:
 
 
 def quick_config() -> Config:
-    """The README's main job: CREMA-D-like task, vanilla vs PDMP vs the best-lr control, 5 seeds.
+    """The README's main job: two tasks, the best unimodal model vs vanilla vs the best-lr control vs PDMP, 5 seeds.
+
+    The CREMA-D-like task is the one where vanilla joint training already beats every unimodal model; the
+    shortcut task is the one built so that it does not (the paper's premise).
 
     >>> quick_config().tasks
-    ('crema_d_like',)
+    ('crema_d_like', 'crema_d_shortcut')
     """
     return Config(
-        tasks=("crema_d_like",),
-        methods=("vanilla", "vanilla_best_lr", "pdmp"),
+        tasks=("crema_d_like", "crema_d_shortcut"),
+        methods=("best_unimodal", "vanilla", "vanilla_best_lr", "pdmp"),
         tables=("I",),
         seeds=5,
         analysis_epochs=15,
@@ -273,6 +285,8 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model with ``method`` and return its test metrics and per-epoch validation curves."""
     gamma_p = cfg.gamma_p if gamma_p is None else gamma_p
+    if method.startswith("unimodal:"):
+        return _unimodal_run(task, method.removeprefix("unimodal:"), seed, cfg, lr_mult)
     torch.manual_seed(seed)
     model = FusionModel(task.dims, task.num_classes, fusion, cfg.hidden, cfg.features)
     batches = _batches(task.train, cfg.batch_size, torch.Generator().manual_seed(seed))
@@ -332,6 +346,42 @@ def train_run(
             log_epoch()
     acc, f1, _ = _evaluate(model, task.test, task.num_classes, dominant)
     return {"acc": acc, "f1": f1, "val_acc": val_acc, "w": w_hist, "final_val_acc": val_acc[-1]}
+
+
+def only_modality(task: Task, modality: str) -> Task:
+    """``task`` restricted to one modality (every split keeps its labels).
+
+    >>> from benchmarks.data import make_task
+    >>> only_modality(make_task("ave_like", n_train=8, n_val=4, n_test=4), "visual").dims
+    {'visual': 64}
+    """
+    if modality not in task.modalities:
+        raise ValueError(f"unknown modality {modality!r}; pick one of {task.modalities}")
+
+    def cut(split: tuple[dict[str, Tensor], Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        return {modality: split[0][modality]}, split[1]
+
+    return replace(task, train=cut(task.train), val=cut(task.val), test=cut(task.test))
+
+
+def _unimodal_run(task: Task, modality: str, seed: int, cfg: Config, lr_mult: float = 1.0) -> dict[str, Any]:
+    """The unimodal model the paper's claim is about: the same encoder plus a linear head, trained alone on
+    the full training split with vanilla SGD and the same budget (epochs, batch size, data order per seed)."""
+    sub = only_modality(task, modality)
+    torch.manual_seed(seed)
+    model = FusionModel(sub.dims, sub.num_classes, "concat", cfg.hidden, cfg.features)
+    batches = _batches(sub.train, cfg.batch_size, torch.Generator().manual_seed(seed))
+    opt = _sgd(model.parameters(), cfg, lr_mult)
+    val_acc: list[float] = []
+    for _epoch in range(cfg.epochs):
+        for x, y in batches():
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val_acc.append(_evaluate(model, sub.val, sub.num_classes, None)[0])
+    acc, f1, _ = _evaluate(model, sub.test, sub.num_classes, None)
+    return {"acc": acc, "f1": f1, "val_acc": val_acc, "w": [None] * len(val_acc), "final_val_acc": val_acc[-1]}
 
 
 # ----------------------------------------------------------------------------------------- modality analysis
@@ -394,7 +444,7 @@ def _summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"acc": acc, "acc_std": acc_sd, "f1": f1, "f1_std": f1_sd, "val_acc": val, "n": len(runs)}
 
 
-def _plan(cfg: Config) -> list[tuple[str, str, str, float, float]]:
+def _plan(cfg: Config, modalities: Mapping[str, Sequence[str]]) -> list[tuple[str, str, str, float, float]]:
     """Every distinct training run as (task, method, fusion, lr_mult, gamma_p) (seeds are added later)."""
     jobs: list[tuple[str, str, str, float, float]] = []
 
@@ -406,7 +456,10 @@ def _plan(cfg: Config) -> list[tuple[str, str, str, float, float]]:
     for task in cfg.tasks:
         if "I" in cfg.tables:
             for method in cfg.methods:
-                if method in ("vanilla_best_lr", "pdmp_best_lr"):
+                if method == "best_unimodal":
+                    for m in modalities[task]:
+                        add(task, f"unimodal:{m}", "concat", 1.0, g)
+                elif method in ("vanilla_best_lr", "pdmp_best_lr"):
                     for mult in cfg.lr_multipliers:
                         add(task, method.removesuffix("_best_lr"), "concat", mult, g)
                 elif method == "vanilla_lr_x_gamma":  # the same run as vanilla at lr x gamma_p
@@ -450,7 +503,7 @@ def run_benchmark(cfg: Config) -> dict[str, Any]:
 def _run(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     tasks = {name: make_task(name, **cfg.task_knobs.get(name, {})) for name in cfg.tasks}
-    jobs = _plan(cfg)
+    jobs = _plan(cfg, {name: task.modalities for name, task in tasks.items()})
     progress = Progress(len(tasks) + len(jobs) * cfg.seeds, cfg.progress)
     out: dict[str, Any] = {
         "config": asdict(cfg),
@@ -491,17 +544,65 @@ def _run(cfg: Config) -> dict[str, Any]:
         out["tasks"][task_name]["runs"][key] = {"summary": _summary(runs[job]), "seeds": runs[job]}
     for name in cfg.tasks:
         out["tasks"][name]["tables"] = _tables(name, cfg, runs)
+        out["tasks"][name]["premise"] = _premise(name, tasks[name].modalities, cfg, runs)
     out["wall_s"] = time.perf_counter() - start
     return out
 
 
 def _paired_delta(runs: Mapping[tuple, list[dict[str, Any]]], job: tuple, base: tuple) -> dict[str, float] | None:
-    """Test-accuracy difference to vanilla, paired by seed (same init and data order): mean, std, n."""
+    """Test-accuracy difference ``job - base`` (usually to vanilla), paired by seed (same init and data order):
+    mean, std, n."""
     if job not in runs or base not in runs:
         return None
     diffs = [a["acc"] - b["acc"] for a, b in zip(runs[job], runs[base], strict=True)]
     sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return {"mean": statistics.fmean(diffs), "std": sd, "n": len(diffs)}
+
+
+def _best_unimodal(
+    task: str, runs: Mapping[tuple, list[dict[str, Any]]]
+) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """The unimodal models' summaries by modality, and the modality whose model has the best val accuracy."""
+    summaries = {
+        job[1].removeprefix("unimodal:"): _summary(r)
+        for job, r in runs.items()
+        if job[0] == task and job[1].startswith("unimodal:")
+    }
+    best = max(summaries, key=lambda m: summaries[m]["val_acc"]) if summaries else None
+    return best, summaries
+
+
+def _premise(
+    task: str, modalities: Sequence[str], cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """The paper's premise on this task: does vanilla joint training end below the best unimodal model (test)?
+
+    Returns the unimodal test accuracies, the best modality (chosen on val), vanilla's and PDMP's test accuracy,
+    the paired differences to the best unimodal model, and on how many seeds vanilla ends below it; ``None``
+    when the unimodal or vanilla runs were not planned.
+    """
+    g = cfg.gamma_p
+    best, summaries = _best_unimodal(task, runs)
+    base = (task, "vanilla", "concat", 1.0, g)
+    if best is None or base not in runs:
+        return None
+    uni = (task, f"unimodal:{best}", "concat", 1.0, g)
+    vanilla_minus = _paired_delta(runs, base, uni)
+    below = sum(v["acc"] < u["acc"] for v, u in zip(runs[base], runs[uni], strict=True))
+    out: dict[str, Any] = {
+        "unimodal_acc": {m: summaries[m]["acc"] for m in modalities if m in summaries},
+        "best_unimodal": best,
+        "best_unimodal_acc": summaries[best]["acc"],
+        "vanilla_acc": _summary(runs[base])["acc"],
+        "vanilla_minus_best_unimodal": vanilla_minus,
+        "seeds_vanilla_below": below,
+        "holds": vanilla_minus is not None and vanilla_minus["mean"] < 0,
+    }
+    pdmp = (task, "pdmp", "concat", 1.0, g)
+    if pdmp in runs:
+        out["pdmp_acc"] = _summary(runs[pdmp])["acc"]
+        out["pdmp_minus_best_unimodal"] = _paired_delta(runs, pdmp, uni)
+    return out
 
 
 def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -516,7 +617,13 @@ def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) 
     if "I" in cfg.tables:
         table = {}
         for method in cfg.methods:
-            if method in ("vanilla_best_lr", "pdmp_best_lr"):
+            if method == "best_unimodal":
+                best_m, _ = _best_unimodal(task, runs)
+                table[method] = {**summ(f"unimodal:{best_m}"), "modality": best_m}  # type: ignore[dict-item]
+                table[method]["delta_vs_vanilla"] = _paired_delta(
+                    runs, (task, f"unimodal:{best_m}", "concat", 1.0, g), base
+                )
+            elif method in ("vanilla_best_lr", "pdmp_best_lr"):
                 swept = method.removesuffix("_best_lr")
                 sweep = {mult: summ(swept, mult=mult) for mult in cfg.lr_multipliers}
                 best = max(sweep, key=lambda k: sweep[k]["val_acc"])  # type: ignore[index]
@@ -593,6 +700,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
                 row += [_pm(s), _pm(s, "f1")]
                 if s is not None and "lr_mult" in s:
                     row[-2] += f" (lr x{s['lr_mult']:g})"
+                if s is not None and "modality" in s:
+                    row[-2] += f" ({s['modality']})"
             lines.append("| " + " | ".join(row) + " |")
         lines += [
             "",
@@ -610,6 +719,33 @@ def to_markdown(results: Mapping[str, Any]) -> str:
                 d = (tables[n]["I"].get(method) or {}).get("delta_vs_vanilla")
                 cells.append("n/a" if d is None else f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}")
             lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    premises = {n: d["premise"] for n, d in results["tasks"].items() if d.get("premise")}
+    if premises:
+        lines += [
+            "## The paper's premise: does vanilla joint training end below the best unimodal model?",
+            "",
+            "Unimodal models: the same encoder plus a linear head, trained alone on the full training split with the"
+            " same SGD budget; the best modality is chosen on the validation split. Differences are test-accuracy"
+            " points, paired by seed.",
+            "",
+            "| Task | Unimodal test acc | Vanilla | Vanilla − best unimodal | Seeds with vanilla below |"
+            " Premise holds | PDMP | PDMP − best unimodal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n, p in premises.items():
+            uni = ", ".join(
+                f"{'**' if m == p['best_unimodal'] else ''}{m} {100 * a:.2f}{'**' if m == p['best_unimodal'] else ''}"
+                for m, a in p["unimodal_acc"].items()
+            )
+            d = p["vanilla_minus_best_unimodal"]
+            dp = p.get("pdmp_minus_best_unimodal")
+            pd = "n/a" if dp is None else f"{100 * dp['mean']:+.2f} ± {100 * dp['std']:.2f}"
+            pa = "n/a" if "pdmp_acc" not in p else f"{100 * p['pdmp_acc']:.2f}"
+            lines.append(
+                f"| {n} | {uni} | {100 * p['vanilla_acc']:.2f} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} |"
+                f" {p['seeds_vanilla_below']}/{d['n']} | {'yes' if p['holds'] else 'no'} | {pa} | {pd} |"
+            )
         lines.append("")
     for n, t in tables.items():
         if "III" in t:
@@ -752,10 +888,24 @@ def print_summary(results: Mapping[str, Any]) -> None:
         t = data["tables"].get("I", {})
         for method, s in t.items():
             extra = f"  lr x{s['lr_mult']:g} (chosen on val)" if s and "lr_mult" in s else ""
+            if s and "modality" in s:
+                extra = f"  modality {s['modality']} (chosen on val)"
             d = s.get("delta_vs_vanilla") if s else None
             if d is not None and method != "vanilla":
                 extra = f"  {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} vs vanilla (paired by seed)" + extra
-            print(f"  {METHOD_LABELS[method]:<32} acc {_pm(s)}  macro-F1 {_pm(s, 'f1')}{extra}")
+            print(f"  {METHOD_LABELS[method]:<38} acc {_pm(s)}  macro-F1 {_pm(s, 'f1')}{extra}")
+        p = data.get("premise")
+        if p:
+            d = p["vanilla_minus_best_unimodal"]
+            verdict = "HOLDS" if p["holds"] else "does not hold"
+            print(
+                f"  premise (vanilla below the best unimodal model) {verdict}: vanilla - best unimodal "
+                f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points, "
+                f"below on {p['seeds_vanilla_below']}/{d['n']} seeds"
+            )
+            dp = p.get("pdmp_minus_best_unimodal")
+            if dp is not None:
+                print(f"  PDMP - best unimodal {100 * dp['mean']:+.2f} ± {100 * dp['std']:.2f} points (paired by seed)")
     print(f"wall time: {results['wall_s']:.1f} s")
 
 
@@ -765,7 +915,7 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     ``cfg`` replaces the mode's configuration (the tests pass a micro one); the flags still apply on top.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="README main job: one task, 3 methods, < 1 minute")
+    parser.add_argument("--quick", action="store_true", help="README main job: two tasks, 4 rows, about a minute")
     parser.add_argument("--task", action="append", help="run only this task (repeatable); e.g. --task digits")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 10, or 5 with --quick)")
     parser.add_argument("--epochs", type=int, help="training epochs per run")

@@ -45,6 +45,7 @@ __all__ = [
     "cefa_like",
     "crema_d_like",
     "crema_d_like_nonlinear",
+    "crema_d_shortcut",
     "digits",
     "make_task",
 ]
@@ -314,12 +315,80 @@ def crema_d_like_nonlinear(**knobs: Any) -> Task:
     return replace(crema_d_like(**knobs), name="crema_d_like_nonlinear")
 
 
+def crema_d_shortcut(
+    n_train: int = 2048,
+    n_val: int = 1024,
+    n_test: int = 2048,
+    *,
+    num_classes: int = 6,
+    noise: float = 1.0,
+    difficulty: float = 1.0,
+    train_coverage: float = 0.92,
+    heldout_coverage: float = 0.55,
+    audio_dim: int = 16,
+    visual_dim: int = 64,
+    seed: int = 0,
+) -> Task:
+    """The paper's premise: a fast "audio" shortcut that the training split over-rewards, a slow better "visual".
+
+    Built like :func:`crema_d_like`, except that the audio cue shows the true class for ``train_coverage`` of
+    the training samples but only ``heldout_coverage`` of the validation and test samples (a random class
+    otherwise). The joint model fits the training set through audio within a few epochs, its loss collapses,
+    and the visual encoder, which needs many epochs, stops receiving gradient; on held-out data the audio
+    shortcut is weaker than visual alone. Real-world analogue: CREMA-D-style acted speech, where the training
+    actors' exaggerated prosody (or a recording-session artefact) gives the label away far more often than it
+    does for unseen speakers, while the face carries the emotion just as well on both.
+
+    Args:
+        train_coverage: fraction of training samples whose audio cue shows the true class.
+        heldout_coverage: the same fraction on the validation and test splits (the audio ceiling there).
+        difficulty: divides the visual cue's strength (higher: slower and lower visual).
+        noise: std of the Gaussian noise added to every feature.
+
+    >>> task = crema_d_shortcut(n_train=8, n_val=4, n_test=4)
+    >>> task.dims, task.expected
+    ({'audio': 16, 'visual': 64}, {'m_p': 'visual', 'm_o': 'audio'})
+    """
+    for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
+        _check(n, what)
+    for c, what in ((train_coverage, "train_coverage"), (heldout_coverage, "heldout_coverage")):
+        if not 0.0 <= c <= 1.0:
+            raise ValueError(f"{what} must be in [0, 1], got {c!r}")
+    means = _class_means(num_classes, visual_dim, torch.Generator().manual_seed(seed + 4))
+    visual_strength = 0.32 / difficulty
+
+    def build_with(coverage: float) -> Callable[[Tensor, torch.Generator], dict[str, Tensor]]:
+        def build(y: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+            n = y.shape[0]
+            audio = _easy_cue(y, num_classes, audio_dim, coverage, 6.0, g) + noise * torch.randn(
+                n, audio_dim, generator=g
+            )
+            visual = _weak_cue(y, means, visual_strength) + noise * torch.randn(n, visual_dim, generator=g)
+            return {"audio": audio, "visual": visual}
+
+        return build
+
+    train, _, _ = _splits(build_with(train_coverage), num_classes, (n_train, 1, 1), seed)
+    _, val, test = _splits(build_with(heldout_coverage), num_classes, (1, n_val, n_test), seed)
+    return Task(
+        "crema_d_shortcut",
+        train,
+        val,
+        test,
+        num_classes,
+        f"audio: strong cue on {train_coverage:.0%} of training samples but {heldout_coverage:.0%} of held-out ones "
+        "(fast shortcut); visual: weak cue spread over many dims (slow, best on held-out data)",
+        {"m_p": "visual", "m_o": "audio"},
+    )
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "crema_d_like": crema_d_like,
     "crema_d_like_nonlinear": crema_d_like_nonlinear,
     "ave_like": ave_like,
     "cefa_like": cefa_like,
     "digits": digits,
+    "crema_d_shortcut": crema_d_shortcut,
 }
 
 

@@ -6,6 +6,7 @@ import doctest
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,16 @@ if ROOT not in sys.path:  # `benchmarks/` is a folder of scripts, not an install
 import benchmarks.accuracy  # noqa: E402
 import benchmarks.baselines  # noqa: E402
 import benchmarks.data  # noqa: E402
-from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis  # noqa: E402
+from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis, train_run  # noqa: E402
 from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train  # noqa: E402
 from benchmarks.data import TASKS, make_task  # noqa: E402
 
 SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
 
 
-@pytest.mark.parametrize("name", ["crema_d_like", "crema_d_like_nonlinear", "ave_like", "cefa_like"])
+@pytest.mark.parametrize(
+    "name", ["crema_d_like", "crema_d_shortcut", "crema_d_like_nonlinear", "ave_like", "cefa_like"]
+)
 def test_generators_are_seeded_and_shaped(name: str) -> None:
     a, b, c = make_task(name, seed=1, **SMALL), make_task(name, seed=1, **SMALL), make_task(name, seed=2, **SMALL)
     for split in ("train", "val", "test"):
@@ -61,7 +64,10 @@ def test_knobs_change_the_data_and_bad_input_is_rejected() -> None:
     assert set(TASKS) >= {"crema_d_like", "ave_like", "cefa_like", "digits"}
 
 
-@pytest.mark.parametrize(("name", "m_p", "m_o"), [("crema_d_like", "visual", "audio"), ("ave_like", "audio", "audio")])
+@pytest.mark.parametrize(
+    ("name", "m_p", "m_o"),
+    [("crema_d_like", "visual", "audio"), ("crema_d_shortcut", "visual", "audio"), ("ave_like", "audio", "audio")],
+)
 def test_unimodal_analysis_finds_the_constructed_dominant_modality(name: str, m_p: str, m_o: str) -> None:
     task = make_task(name, n_train=1024, n_val=512, n_test=64, seed=0)
     cfg = Config(analysis_epochs=12, analysis_seeds=1, analysis_subset=1.0, progress=False)
@@ -74,6 +80,47 @@ def test_unimodal_analysis_finds_the_constructed_dominant_modality(name: str, m_
             task.expected["m_o"],
         )
     )
+
+
+def _audio_cue_accuracy(split) -> float:
+    x, y = split
+    return float((x["audio"][:, :6].argmax(1) == y).float().mean())
+
+
+def test_shortcut_audio_cue_is_reliable_on_train_only() -> None:
+    # noise 0: the audio cue's argmax is the shown class, right for coverage + (1 - coverage) / 6 of the samples
+    task = make_task("crema_d_shortcut", n_train=4096, n_val=4096, n_test=4096, noise=0.0, seed=0)
+    for split, coverage in (("train", 0.92), ("val", 0.55), ("test", 0.55)):
+        assert _audio_cue_accuracy(getattr(task, split)) == pytest.approx(coverage + (1 - coverage) / 6, abs=0.02)
+    # the visual cue is drawn the same way on every split
+    means = [task.train[0]["visual"][task.train[1] == 0].mean(0), task.test[0]["visual"][task.test[1] == 0].mean(0)]
+    torch.testing.assert_close(means[0], means[1])
+    knobbed = make_task("crema_d_shortcut", n_train=4096, n_val=8, n_test=8, noise=0.0, train_coverage=0.55)
+    assert _audio_cue_accuracy(knobbed.train) == pytest.approx(0.55 + 0.45 / 6, abs=0.02)
+    with pytest.raises(ValueError, match="heldout_coverage"):
+        make_task("crema_d_shortcut", heldout_coverage=1.5)
+
+
+def test_shortcut_task_reproduces_the_premise_and_the_knob_removes_it() -> None:
+    # the benchmark's own unimodal and vanilla runs (full size, 30 epochs, 2 seeds): with the shortcut, vanilla
+    # joint training ends below the visual-only model on test; with an honest audio cue (same reliability on
+    # every split, as in crema_d_like) it ends above it
+    cfg = Config(progress=False)
+    task = make_task("crema_d_shortcut")
+    ranking = modality_analysis(task, replace(cfg, analysis_epochs=10, analysis_seeds=1))
+    assert ranking.performance_dominant == "visual"
+    honest = make_task("crema_d_shortcut", train_coverage=0.55)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in (0, 1):
+            visual = train_run(task, "unimodal:visual", seed, cfg, ranking)["acc"]
+            audio = train_run(task, "unimodal:audio", seed, cfg, ranking)["acc"]
+            assert audio < visual - 0.1
+            assert train_run(task, "vanilla", seed, cfg, ranking)["acc"] < visual - 0.02
+            assert train_run(honest, "vanilla", seed, cfg, ranking)["acc"] > visual + 0.02
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ogm_coefficient_formula_on_a_hand_made_case() -> None:
@@ -191,15 +238,25 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
     for s in table.values():
         assert 0.0 <= s["acc"] <= 1.0 and 0.0 <= s["f1"] <= 1.0 and s["n"] == 2 and s["acc_std"] >= 0.0
     assert table["vanilla_best_lr"]["lr_mult"] in (1.0, 3.0)
+    assert table["best_unimodal"]["modality"] in ("audio", "visual") and table["best_unimodal"]["n"] == 2
+    premise = crema["premise"]
+    assert premise["best_unimodal"] == table["best_unimodal"]["modality"]
+    assert set(premise["unimodal_acc"]) == {"audio", "visual"} and set(
+        data["tasks"]["cefa_like"]["premise"]["unimodal_acc"]
+    ) == {"rgb", "depth", "ir"}
+    gap = premise["vanilla_minus_best_unimodal"]
+    assert premise["holds"] == (gap["mean"] < 0) and 0 <= premise["seeds_vanilla_below"] <= 2
+    assert gap["mean"] == pytest.approx(table["vanilla"]["acc"] - table["best_unimodal"]["acc"])
     assert set(crema["gammas"]) == {"audio", "visual"} and max(crema["gammas"].values()) == 15.0
     run = crema["runs"]["pdmp|concat|lr_x1|gamma15"]["seeds"][0]
     assert len(run["val_acc"]) == 2 and len(run["w"]) == 2 and all(w > 0 for w in run["w"])
-    assert "Table I" in (tmp_path / "accuracy.md").read_text()
+    assert "Table I" in (tmp_path / "accuracy.md").read_text() and "premise" in (tmp_path / "accuracy.md").read_text()
     assert table["pdmp"]["delta_vs_vanilla"]["n"] == 2 and table["vanilla_best_lr"]["delta_vs_vanilla"] is not None
     for png in ("w_ratio.png", "gamma_sweep_crema_d_like.png", "lr_control_crema_d_like.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
-    assert "performance-dominant" in out and "gammas" in out and "PDMP" in out
+    assert "performance-dominant" in out and "gammas" in out and "PDMP" in out and "Best unimodal" in out
+    assert "premise (vanilla below the best unimodal model)" in out
 
 
 @pytest.mark.parametrize("module", [benchmarks.data, benchmarks.baselines, benchmarks.accuracy])
