@@ -910,7 +910,7 @@ def print_summary(results: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[str, Any]:
-    """Command-line entry point: ``python benchmarks/accuracy.py [--quick] [--task NAME] [--seeds N] [--out DIR]``.
+    """Command-line entry point: ``python benchmarks/accuracy.py [--quick] [--task NAME] [--knob K=V] [--seeds N]``.
 
     ``cfg`` replaces the mode's configuration (the tests pass a micro one); the flags still apply on top.
     """
@@ -919,6 +919,12 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     parser.add_argument("--task", action="append", help="run only this task (repeatable); e.g. --task digits")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 10, or 5 with --quick)")
     parser.add_argument("--epochs", type=int, help="training epochs per run")
+    parser.add_argument(
+        "--knob",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a data-generator knob for every selected task (repeatable); e.g. --knob train_coverage=0.75",
+    )
     parser.add_argument("--out", help="output folder (default benchmarks/results, or results/quick with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
@@ -933,6 +939,17 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
         cfg = replace(cfg, seeds=args.seeds)
     if args.epochs is not None:
         cfg = replace(cfg, epochs=args.epochs)
+    if args.knob:
+        knobs: dict[str, Any] = {}
+        for item in args.knob:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                parser.error(f"--knob takes NAME=VALUE, got {item!r}")
+            try:
+                knobs[name] = json.loads(value)
+            except json.JSONDecodeError:
+                parser.error(f"--knob {name}: {value!r} is not a number, true/false or a quoted string")
+        cfg = replace(cfg, task_knobs={t: {**cfg.task_knobs.get(t, {}), **knobs} for t in cfg.tasks})
     if args.out is not None:
         cfg = replace(cfg, out_dir=args.out)
     if args.no_plots:
