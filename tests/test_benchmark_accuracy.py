@@ -259,6 +259,28 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
     assert "premise (vanilla below the best unimodal model)" in out
 
 
+def test_knob_flag_reaches_the_generator_and_bad_flags_are_rejected(tmp_path) -> None:
+    cfg = Config(
+        methods=("vanilla",),
+        tables=("I",),
+        seeds=1,
+        epochs=1,
+        analysis_epochs=1,
+        analysis_seeds=1,
+        task_knobs={"crema_d_shortcut": SMALL},
+        out_dir=str(tmp_path),
+        plots=False,
+        progress=False,
+    )
+    argv = ["--task", "crema_d_shortcut", "--knob", "train_coverage=0.6", "--knob", "noise=0.5"]
+    results = main(argv, cfg=cfg)
+    assert results["config"]["task_knobs"]["crema_d_shortcut"] == {**SMALL, "train_coverage": 0.6, "noise": 0.5}
+    assert "60% of training samples" in results["tasks"]["crema_d_shortcut"]["description"]
+    for bad in (["--knob", "train_coverage"], ["--knob", "train_coverage=high"]):
+        with pytest.raises(SystemExit):
+            main(bad, cfg=cfg)
+
+
 @pytest.mark.parametrize("module", [benchmarks.data, benchmarks.baselines, benchmarks.accuracy])
 def test_docstring_examples_of_the_benchmark_modules(module) -> None:
     # pytest's --doctest-modules covers pdmp_optim/ only; the benchmark modules' examples are checked here
