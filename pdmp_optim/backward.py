@@ -18,8 +18,9 @@ behind it.
 When it equals ``"grad"`` mode: a parameter's gradient is exactly ``gamma`` times its unscaled gradient when
 *every* path from the loss to that parameter passes through a hooked output of its encoder (true for any
 encoder architecture: linear, MLP, conv, attention, batch norm). In floating point the two modes multiply at
-different points of the computation, so results agree to rounding (a few ulps); they are bitwise equal when
-gamma is a power of two. They differ, by design of the math, when:
+different points of the computation, and the hooked gradient reaches backward as a fresh contiguous tensor (which
+can change the order in which kernels sum), so results agree to rounding (a few ulps), not bit for bit. They
+differ, by design of the math, when:
 
 - the encoder's parameters also get gradient another way: weights shared with the head or another encoder,
   an auxiliary loss or regulariser computed on intermediate activations or on the parameters themselves

@@ -2,13 +2,13 @@
 
 How results are compared, and why: the hook multiplies the *upstream* gradient by gamma before the chain rule,
 ``"grad"`` mode multiplies the finished parameter gradient after it. In real arithmetic both are
-``gamma * dL/dtheta``; in floating point every rounding step inside backward sees a scaled operand. When gamma is
-a power of two that scaling is exact (only the exponent changes, no overflow/underflow at these magnitudes), so
-every rounding is the same and the results are compared with ``torch.equal``. For other gammas (15, 1/15) the
-two round differently, by a few ulps of the *summands* (not of the result, which can be tiny through
-cancellation: a conv bias followed by batch norm has a gradient that is zero up to rounding noise), so they are
-compared with ``rtol=1e-5`` plus an ``atol`` of ``1e-5`` times the largest gradient magnitude in the model
-(float32 epsilon is 1.2e-7; backward sums hundreds of terms).
+``gamma * dL/dtheta``; in floating point they round differently. Even a power-of-two gamma, whose scaling is
+exact, does not make them bitwise equal in general: the hook hands backward a fresh contiguous tensor where it had
+a strided view (the ``torch.cat`` backward's slice), and the matmul kernels may then sum in another order (a hook
+multiplying by exactly 1.0 already changes the last bits; hypothesis found such a case). So results are compared to
+rounding: ``rtol=1e-5`` plus an ``atol`` of ``1e-5`` times the largest gradient magnitude in the model, since the
+error is a few ulps of the *summands*, not of the result, which can be tiny through cancellation (a conv bias
+followed by batch norm has a gradient that is zero up to rounding noise; float32 epsilon is 1.2e-7).
 """
 
 from __future__ import annotations
@@ -113,14 +113,13 @@ def powers_of_two(modalities: list[str]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("kind", ["linear", "mlp", "conv"])
-def test_power_of_two_gammas_give_bitwise_the_grad_mode_gradients(kind: str) -> None:
+def test_power_of_two_gammas_give_the_grad_mode_gradients(kind: str) -> None:
     model, inputs = build(kind)
     gammas = powers_of_two(list(model.encoders))
     expected = grad_mode_grads(copy.deepcopy(model), inputs, gammas)
     actual = hook_mode_grads(copy.deepcopy(model), inputs, gammas)
     unscaled = unscaled_grads(copy.deepcopy(model), inputs)
-    for a, e in zip(actual, expected, strict=True):
-        assert torch.equal(a, e)
+    assert_close_to_rounding(actual, expected)
     # and the scaling really happened: encoder gradients differ from the unscaled ones, the head's do not
     n_head = len(list(model.head.parameters()))
     assert all(not torch.equal(a, u) for a, u in zip(actual[:-n_head], unscaled[:-n_head], strict=True))
@@ -137,7 +136,7 @@ def test_paper_gammas_match_grad_mode_to_rounding(kind: str) -> None:
     assert_close_to_rounding(actual, expected)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     batch=st.integers(1, 6),
     widths=st.lists(st.integers(1, 9), min_size=2, max_size=3),
@@ -145,7 +144,7 @@ def test_paper_gammas_match_grad_mode_to_rounding(kind: str) -> None:
     exponents=st.lists(st.integers(-6, 6), min_size=3, max_size=3),
     seed=st.integers(0, 2**16),
 )
-def test_property_bitwise_equal_for_any_mlp_shapes_and_power_of_two_gammas(
+def test_property_equal_to_rounding_for_any_mlp_shapes_and_power_of_two_gammas(
     batch: int, widths: list[int], hidden: int, exponents: list[int], seed: int
 ) -> None:
     torch.manual_seed(seed)
@@ -157,10 +156,10 @@ def test_property_bitwise_equal_for_any_mlp_shapes_and_power_of_two_gammas(
     gammas = {m: 2.0 ** exponents[i] for i, m in enumerate(encoders)}
     expected = grad_mode_grads(copy.deepcopy(model), inputs, gammas)
     actual = hook_mode_grads(copy.deepcopy(model), inputs, gammas)
-    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    assert_close_to_rounding(actual, expected)
 
 
-def test_sgd_step_with_weight_decay_and_momentum_matches_pdmp_grad_mode_bitwise() -> None:
+def test_sgd_step_with_weight_decay_and_momentum_matches_pdmp_grad_mode() -> None:
     # weight decay is added inside SGD.step after the gradient is final: unscaled in both modes
     model, inputs = build("mlp")
     gammas = powers_of_two(list(model.encoders))
@@ -178,7 +177,7 @@ def test_sgd_step_with_weight_decay_and_momentum_matches_pdmp_grad_mode_bitwise(
         opt_b.step()
         opt_b.zero_grad()
     hooks.remove()
-    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    assert_close_to_rounding(list(a.parameters()), list(b.parameters()))
 
 
 def test_gradient_accumulation_over_micro_batches_is_scaled_once_overall() -> None:
