@@ -17,6 +17,10 @@ modalities' cue: higher is harder and slower). The generated tasks build the pap
   sample: slow to learn, higher at the end. Audio is optimization-dominant, visual performance-dominant.
 * :func:`crema_d_like_nonlinear`: the same with the visual cue multiplied by a random sign per sample, so
   only a nonlinear encoder can read it (slower still, and the fused model then leans on audio longer).
+* :func:`crema_d_shortcut`: the paper's premise by construction. As :func:`crema_d_like`, but the audio cue
+  is right for ``train_coverage`` (0.92) of the *training* samples and only ``heldout_coverage`` (0.55) of the
+  validation and test ones: the joint model fits the training split through audio, the slow visual encoder is
+  under-trained, and vanilla joint training ends below the visual-only model on test.
 * :func:`ave_like`: "audio" carries the easy cue for most samples, so it is both the fast and the best
   modality; "visual" is weak and slow.
 * :func:`cefa_like`: three modalities (the paper's CeFA case): "rgb" fast but capped, "depth" slow but best,
