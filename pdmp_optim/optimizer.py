@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, overload
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .coefficients import check_gamma, pdmp_gammas
-from .modes import Mode, resolve_mode
+from .modes import Mode, is_scale_invariant, resolve_mode
 from .ranking import ModalityRanking
 
 __all__ = ["PDMPOptimizer"]
@@ -102,6 +103,13 @@ class PDMPOptimizer(Optimizer):
         self._patch_step_function()
 
         self._mode, self._mode_reason = resolve_mode(optimizer, mode)
+        if self._mode == "grad" and is_scale_invariant(optimizer):
+            warnings.warn(
+                f"mode='grad' with {type(optimizer).__name__}: it normalises the gradient scale away, so multiplying "
+                "gradients changes its updates very little; use mode='auto' (or 'lr') to scale the updates",
+                UserWarning,
+                stacklevel=2,
+            )
         membership = _membership(optimizer, groups)
         modalities = list(dict.fromkeys(membership.values()))
         self._gammas = _resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)

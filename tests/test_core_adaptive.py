@@ -37,8 +37,9 @@ def test_default_mode_scales_the_update_of_adaptive_optimizers(name):
     assert ratios["head"] == pytest.approx(1.0, rel=1e-6)
 
 
-def test_grad_mode_on_adam_is_the_trap_auto_mode_avoids():
-    ratios = first_updates(torch.optim.Adam, "grad")
+def test_grad_mode_on_adam_is_the_trap_auto_mode_avoids_and_forcing_it_warns():
+    with pytest.warns(UserWarning, match="mode='grad' with Adam: it normalises the gradient scale away"):
+        ratios = first_updates(torch.optim.Adam, "grad")
     assert ratios["visual"] == pytest.approx(1.0, rel=1e-2)  # gradient scaling cancels in Adam's first step
 
 

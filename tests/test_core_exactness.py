@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.reference import reference_grad_step, reference_lr_step
+
+# these tests force mode="grad" on adaptive optimizers on purpose, to check the arithmetic
+pytestmark = pytest.mark.filterwarnings("ignore:mode='grad' with:UserWarning")
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 gammas = st.floats(min_value=0.0, max_value=1e3, exclude_min=True, allow_subnormal=False)

@@ -11,6 +11,9 @@ from _core_models import TwoModal, loss_of, params_equal
 
 from pdmp_optim import PDMPOptimizer
 
+# these tests force mode="grad" on adaptive optimizers on purpose, to check the arithmetic
+pytestmark = pytest.mark.filterwarnings("ignore:mode='grad' with:UserWarning")
+
 SETUPS = {
     "sgd-grad": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4), "auto"),
     "adamw-lr": (lambda p: torch.optim.AdamW(p, lr=1e-2), "auto"),

@@ -10,6 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.reference import reference_grad_step
 
+# these tests force mode="grad" on adaptive optimizers on purpose, to check the arithmetic
+pytestmark = pytest.mark.filterwarnings("ignore:mode='grad' with:UserWarning")
+
 
 def pair(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), mode="grad"):
     """A PDMP-wrapped model and an identical plain one with matching param groups."""
