@@ -61,7 +61,12 @@ def is_scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def resolve_mode(optimizer: torch.optim.Optimizer, mode: str) -> tuple[Literal["grad", "lr"], str]:
-    """Return the concrete mode (``"grad"`` or ``"lr"``) for ``optimizer`` and a short reason for ``repr``."""
+    """Return the concrete mode (``"grad"`` or ``"lr"``) for ``optimizer`` and a short reason for ``repr``.
+
+    >>> import torch
+    >>> resolve_mode(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "auto")
+    ('grad', "auto: SGD follows the gradient's scale, so gradients are scaled")
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     name = type(optimizer).__name__

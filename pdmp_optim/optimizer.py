@@ -37,6 +37,16 @@ _FORMAT = 1
 class PDMPOptimizer(Optimizer):
     """Wrap ``optimizer`` so that each modality's update is multiplied by its PDMP coefficient.
 
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.ModuleDict({"audio": nn.Linear(4, 8), "visual": nn.Linear(6, 8), "head": nn.Linear(16, 3)})
+    >>> sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    >>> opt = PDMPOptimizer(sgd, {"audio": model["audio"], "visual": model["visual"]},
+    ...                     dominant="visual", optimization_dominant="audio")
+    >>> opt.gammas, opt.mode
+    ({'audio': 0.06666666666666667, 'visual': 15.0}, 'grad')
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # it is a torch.optim.Optimizer
+
     Before every ``step()`` the gradients of the parameters in ``groups[m]`` are multiplied by ``gamma[m]``
     (``mode="grad"``), or, for optimizers that ignore the gradient's scale such as Adam, the learning rate of
     those parameters is multiplied by ``gamma[m]`` for the duration of the step and restored exactly
