@@ -108,12 +108,39 @@ def _class_means(num_classes: int, dim: int, g: torch.Generator) -> Tensor:
     return means / means.norm(dim=1, keepdim=True) * dim**0.5
 
 
+def _audio_visual(
+    num_classes: int,
+    audio_dim: int,
+    audio_coverage: float,
+    means: Tensor,
+    visual_strength: float,
+    noise: float,
+    visual_nonlinear: bool = False,
+) -> Callable[[Tensor, torch.Generator], dict[str, Tensor]]:
+    """The two-modality builder of the CREMA-D/AVE-like tasks: an easy capped audio cue, a weak visual one."""
+
+    def build(y: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+        n = y.shape[0]
+        audio = _easy_cue(y, num_classes, audio_dim, audio_coverage, 6.0, g) + noise * torch.randn(
+            n, audio_dim, generator=g
+        )
+        visual = _weak_cue(y, means, visual_strength)
+        if visual_nonlinear:
+            visual = visual * (torch.randint(2, (n, 1), generator=g) * 2 - 1)
+        visual = visual + noise * torch.randn(n, means.shape[1], generator=g)
+        return {"audio": audio, "visual": visual}
+
+    return build
+
+
 def _splits(
     build: Callable[[Tensor, torch.Generator], dict[str, Tensor]],
     num_classes: int,
     sizes: tuple[int, int, int],
     seed: int,
 ) -> tuple[Split, Split, Split]:
+    for n, what in zip(sizes, ("n_train", "n_val", "n_test"), strict=True):
+        _check(n, what)
     out = []
     for offset, n in enumerate(sizes):
         g = torch.Generator().manual_seed(seed * 1000 + 17 + offset)
@@ -148,22 +175,10 @@ def crema_d_like(
     >>> crema_d_like(n_train=8, n_val=4, n_test=4).dims
     {'audio': 16, 'visual': 64}
     """
-    for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-        _check(n, what)
     means = _class_means(num_classes, visual_dim, torch.Generator().manual_seed(seed))
     visual_strength = 0.32 / difficulty
 
-    def build(y: Tensor, g: torch.Generator) -> dict[str, Tensor]:
-        n = y.shape[0]
-        audio = _easy_cue(y, num_classes, audio_dim, audio_coverage, 6.0, g) + noise * torch.randn(
-            n, audio_dim, generator=g
-        )
-        visual = _weak_cue(y, means, visual_strength)
-        if visual_nonlinear:
-            visual = visual * (torch.randint(2, (n, 1), generator=g) * 2 - 1)
-        visual = visual + noise * torch.randn(n, visual_dim, generator=g)
-        return {"audio": audio, "visual": visual}
-
+    build = _audio_visual(num_classes, audio_dim, audio_coverage, means, visual_strength, noise, visual_nonlinear)
     train, val, test = _splits(build, num_classes, (n_train, n_val, n_test), seed)
     return Task(
         "crema_d_like",
@@ -195,19 +210,10 @@ def ave_like(
     >>> ave_like(n_train=8, n_val=4, n_test=4).expected
     {'m_p': 'audio', 'm_o': 'audio'}
     """
-    for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-        _check(n, what)
     means = _class_means(num_classes, visual_dim, torch.Generator().manual_seed(seed + 1))
     visual_strength = 0.2 / difficulty
 
-    def build(y: Tensor, g: torch.Generator) -> dict[str, Tensor]:
-        n = y.shape[0]
-        audio = _easy_cue(y, num_classes, audio_dim, audio_coverage, 6.0, g) + noise * torch.randn(
-            n, audio_dim, generator=g
-        )
-        visual = _weak_cue(y, means, visual_strength) + noise * torch.randn(n, visual_dim, generator=g)
-        return {"audio": audio, "visual": visual}
-
+    build = _audio_visual(num_classes, audio_dim, audio_coverage, means, visual_strength, noise)
     train, val, test = _splits(build, num_classes, (n_train, n_val, n_test), seed)
     return Task(
         "ave_like",
@@ -236,8 +242,6 @@ def cefa_like(
     >>> cefa_like(n_train=8, n_val=4, n_test=4).dims
     {'rgb': 16, 'depth': 64, 'ir': 32}
     """
-    for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-        _check(n, what)
     depth_means = _class_means(num_classes, 64, torch.Generator().manual_seed(seed + 2))
     ir_means = _class_means(num_classes, 32, torch.Generator().manual_seed(seed + 3))
 
@@ -353,8 +357,6 @@ def crema_d_shortcut(
     >>> task.dims, task.expected
     ({'audio': 16, 'visual': 64}, {'m_p': 'visual', 'm_o': 'audio'})
     """
-    for n, what in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-        _check(n, what)
     for c, what in ((train_coverage, "train_coverage"), (heldout_coverage, "heldout_coverage")):
         if not 0.0 <= c <= 1.0:
             raise ValueError(f"{what} must be in [0, 1], got {c!r}")
@@ -362,15 +364,7 @@ def crema_d_shortcut(
     visual_strength = 0.32 / difficulty
 
     def build_with(coverage: float) -> Callable[[Tensor, torch.Generator], dict[str, Tensor]]:
-        def build(y: Tensor, g: torch.Generator) -> dict[str, Tensor]:
-            n = y.shape[0]
-            audio = _easy_cue(y, num_classes, audio_dim, coverage, 6.0, g) + noise * torch.randn(
-                n, audio_dim, generator=g
-            )
-            visual = _weak_cue(y, means, visual_strength) + noise * torch.randn(n, visual_dim, generator=g)
-            return {"audio": audio, "visual": visual}
-
-        return build
+        return _audio_visual(num_classes, audio_dim, coverage, means, visual_strength, noise)
 
     train, _, _ = _splits(build_with(train_coverage), num_classes, (n_train, 1, 1), seed)
     _, val, test = _splits(build_with(heldout_coverage), num_classes, (1, n_val, n_test), seed)
