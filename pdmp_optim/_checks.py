@@ -1,0 +1,72 @@
+"""The one home of the input checks shared by the optimizer, the coefficients, the ranking and the hooks.
+
+Each check returns the cleaned value or raises an exception whose message names the argument and the fix.
+
+>>> check_gamma(15, "gamma_p")
+15.0
+>>> check_gammas({"audio": 0.5}, ["audio", "visual"])
+{'audio': 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["as_number", "check_gamma", "check_gammas", "check_name"]
+
+
+def as_number(value: Any, what: str) -> float:
+    """``value`` as a float: a Python/NumPy number or a one-element tensor/array; else a ``TypeError`` naming ``what``.
+
+    >>> import torch
+    >>> as_number(torch.tensor([2.5]), "gamma_p")
+    2.5
+    """
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # NumPy scalars and arrays, tensors
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]  # one-element tensors and arrays
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def check_gamma(value: Any, what: str) -> float:
+    """``value`` as a float, or raise if it is not a finite number above zero.
+
+    >>> check_gamma(0.5, "gammas['audio']")
+    0.5
+    """
+    number = as_number(value, what)
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{what} must be a finite number > 0, got {number!r}")
+    return number
+
+
+def check_name(name: Any) -> str:
+    """A modality name: a non-empty string.
+
+    >>> check_name("audio")
+    'audio'
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"modality names must be non-empty strings, got {name!r}")
+    return name
+
+
+def check_gammas(gammas: Any, modalities: Iterable[str] | None = None, what: str = "gammas") -> dict[str, float]:
+    """A ``{modality: coefficient}`` mapping, each coefficient checked, every name among ``modalities``.
+
+    >>> check_gammas({"visual": 15}, ["audio", "visual"])
+    {'visual': 15.0}
+    """
+    if not isinstance(gammas, Mapping):
+        raise TypeError(f"{what} must map modality -> coefficient, got {type(gammas).__name__}")
+    if modalities is not None:
+        known = list(modalities)
+        unknown = [m for m in gammas if m not in known]
+        if unknown:
+            raise ValueError(f"{what} names {unknown}, which are not among the modalities {known}; fix the names")
+    return {check_name(m): check_gamma(v, f"{what}[{m!r}]") for m, v in gammas.items()}
