@@ -11,10 +11,11 @@ Each check returns the cleaned value or raises an exception whose message names 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["as_number", "check_gamma", "check_gammas", "check_name"]
+__all__ = ["as_finite", "as_number", "check_gamma", "check_gammas", "check_int", "check_name"]
 
 
 def as_number(value: Any, what: str) -> float:
@@ -31,6 +32,31 @@ def as_number(value: Any, what: str) -> float:
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}: {value!r}")
     return float(value)
+
+
+def as_finite(value: Any, what: str, fix: str = "pass a finite number") -> float:
+    """``value`` as a float (see :func:`as_number`); a ``ValueError`` naming ``what`` and ``fix`` if NaN or inf.
+
+    >>> as_finite(0.5, "score of 'audio'")
+    0.5
+    """
+    number = as_number(value, what)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} is {number}; {fix}")
+    return number
+
+
+def check_int(value: Any, what: str, *, minimum: int | None = None) -> int:
+    """``value`` as an int (Python or NumPy integer, not a bool), at least ``minimum`` when given.
+
+    >>> check_int(3, "epochs", minimum=1)
+    3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}: {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_gamma(value: Any, what: str) -> float:

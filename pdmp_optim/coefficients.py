@@ -18,24 +18,12 @@ lets ``m_p`` dominate.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
-__all__ = ["check_gamma", "pdmp_gammas"]
+from ._checks import as_finite, check_gamma, check_name
 
-
-def check_gamma(value: object, what: str) -> float:
-    """Return ``value`` as a float, or raise if it is not a finite number above zero.
-
-    >>> check_gamma(15, "gamma_p")
-    15.0
-    """
-    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(f"{what} must be a number, got {type(value).__name__}: {value!r}")
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number) or number <= 0.0:
-        raise ValueError(f"{what} must be a finite number > 0, got {number!r}")
-    return number
+# check_gamma lives in _checks; it stays importable from here while other modules still import it from here.
+__all__ = ["pdmp_gammas"]
 
 
 def pdmp_gammas(
@@ -65,7 +53,9 @@ def pdmp_gammas(
     >>> pdmp_gammas(["a", "v", "t"], "v", early_scores={"a": 0.6, "v": 0.5, "t": 0.4}, gamma_p=10)
     {'a': 0.1, 'v': 10.0, 't': 10.0}
     """
-    names = list(modalities)
+    names = [check_name(m) for m in modalities]
+    if len(set(names)) != len(names):
+        raise ValueError(f"modalities {names} name one modality twice; list each once")
     if dominant not in names:
         raise ValueError(f"dominant={dominant!r} is not one of the modalities {names}; pass one of them")
     if optimization_dominant is not None and optimization_dominant not in names:
@@ -79,19 +69,26 @@ def pdmp_gammas(
             f"gamma_p must be >= 1 (it amplifies the dominant modality), got {gamma_p}; "
             "to damp a modality, pass explicit gammas={...}"
         )
-    know_early = optimization_dominant is not None or early_scores is not None
-    if early_scores is not None:
-        missing = [m for m in names if m not in early_scores]
-        if missing:
-            raise ValueError(f"early_scores has no entry for {missing}; give one score per modality")
+    early = None if early_scores is None else _early_scores(early_scores, names)
     sign = 1.0 if higher_is_better else -1.0
     gammas: dict[str, float] = {}
+    know_early = optimization_dominant is not None or early is not None
     for name in names:
         if name == dominant:
             gammas[name] = gamma_p
             continue
-        outpaces = not know_early or name == optimization_dominant
-        if early_scores is not None and sign * early_scores[name] > sign * early_scores[dominant]:
+        outpaces = not know_early or name == optimization_dominant  # unknown: damp, so m_p always dominates
+        if early is not None and sign * early[name] > sign * early[dominant]:
             outpaces = True
         gammas[name] = 1.0 / gamma_p if outpaces else gamma_p
     return gammas
+
+
+def _early_scores(early_scores: Mapping[str, float], names: list[str]) -> dict[str, float]:
+    """One finite early score per modality, as floats."""
+    if not isinstance(early_scores, Mapping):
+        raise TypeError(f"early_scores must map modality -> score, got {type(early_scores).__name__}")
+    missing = [m for m in names if m not in early_scores]
+    if missing:
+        raise ValueError(f"early_scores has no entry for {missing}; give one score per modality")
+    return {m: as_finite(early_scores[m], f"early_scores[{m!r}]") for m in names}
