@@ -21,6 +21,8 @@ fresh linear classifier, evaluates after every epoch, and ranks the modalities w
 >>> ranking = analyze_modalities(encoders, train, val, num_classes=4, epochs=6, seeds=3, optimizer=sgd)
 >>> ranking.performance_dominant, ranking.optimization_dominant, ranking.agreement
 ('visual', 'audio', 1.0)
+>>> ranking.gammas(gamma_p=15)  # what PDMPOptimizer(..., ranking=ranking) applies
+{'visual': 15.0, 'audio': 0.06666666666666667}
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 
-from .ranking import ModalityRanking, _warning_message, rank_modalities
+from ._checks import check_int, check_name
+from .ranking import ModalityRanking, rank_modalities
 
 __all__ = ["accuracy", "analyze_modalities", "unimodal_histories"]
 
@@ -61,107 +64,42 @@ def analyze_modalities(
     train_batches: Iterable[Any],
     eval_batches: Iterable[Any],
     *,
-    num_classes: int,
-    epochs: int = 10,
-    seeds: int = 1,
-    subset: float = 1.0,
-    optimizer: OptimizerFactory | None = None,
-    metric: Metric | None = None,
-    batch_fn: BatchFn | None = None,
-    progress: bool | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
     higher_is_better: bool = True,
     early_epoch: int = 0,
     warn: bool = True,
+    **probe_options: Any,
 ) -> ModalityRanking:
-    """Run PDMP's modality analysis (the paper's Algorithm 1): rank modalities by unimodal probes.
+    """Rank modalities by unimodal linear probes (the paper's Algorithm 1), ready for ``PDMPOptimizer(ranking=)``.
 
-    For each of ``seeds`` runs, every encoder is deep-copied, topped with a fresh ``nn.Linear`` classifier on
-    its flattened output, and trained for ``epochs`` epochs with cross-entropy; all modalities train in one
-    pass over the data (a batch is loaded once per epoch), and each is evaluated with ``metric`` after every
-    epoch. The per-run histories go to :func:`~pdmp_optim.rank_modalities`, so the result says how sure it is:
-    ``agreement`` is the fraction of runs that pick the same ``performance_dominant`` modality, and ``notes``
-    (with one ``UserWarning``) flag near ties and disagreeing runs. Use ``seeds >= 3`` to get that readout.
+    >>> import torch
+    >>> data = [({"a": torch.randn(8, 3), "b": torch.randn(8, 5)}, torch.randint(0, 3, (8,))) for _ in range(4)]
+    >>> encoders = {"a": torch.nn.Linear(3, 4), "b": torch.nn.Flatten()}
+    >>> ranking = analyze_modalities(encoders, data[:3], data[3:], num_classes=3, epochs=2, warn=False)
+    >>> sorted(ranking.order), ranking.num_runs
+    (['a', 'b'], 1)
 
-    Your encoders are never modified. Parameters you froze (``requires_grad=False``) stay frozen in the
-    copies, so a frozen backbone gives a linear probe. Copies train in ``train()`` mode and are evaluated in
-    ``eval()`` mode.
+    The probes train as :func:`unimodal_histories` says (your encoders are never modified), and their
+    histories go to :func:`~pdmp_optim.rank_modalities`, so the result says how sure it is: ``agreement`` is
+    the fraction of runs that pick the same ``performance_dominant`` modality, and ``notes`` (with one
+    ``UserWarning``) flag near ties and disagreeing runs. Use ``seeds >= 3`` to get that readout.
 
     Args:
-        encoders: modality -> your ``nn.Module`` encoder (at least two modalities). Each must return one
-            tensor whose first dimension is the batch.
-        train_batches: re-iterable data (a ``DataLoader``, a list) of ``(inputs, target)`` batches where
-            ``inputs`` maps each modality to a tensor and ``target`` holds class indices.
-        eval_batches: the same, for the validation data the probes are scored on after every epoch.
-        num_classes: number of classes; targets must lie in ``[0, num_classes)``.
-        epochs: training epochs per run; the early score is the one after epoch ``early_epoch + 1``. With
-            ``epochs=1`` there is no early score and ``optimization_dominant`` is ``None``.
-        seeds: number of independent runs (classifier init, data order and the subset drawn differ).
-        subset: fraction in (0, 1] of the training batches each run trains on, drawn per run.
-        optimizer: factory ``params -> Optimizer``; default: the paper's SGD (lr 1e-3, momentum 0.9,
-            weight decay 1e-4). Called once per modality and run.
-        metric: ``metric(logits, target) -> float`` over the whole eval set (default: :func:`accuracy`);
-            pass ``higher_is_better=False`` for a loss.
-        batch_fn: turns one of your batches into ``(inputs, target)``, for other layouts.
-        progress: a one-line progress display on stderr for runs longer than a second; ``None`` shows it
-            only when stderr is a terminal, ``False`` never, ``True`` always.
-        device: where to train the copies (default: where each encoder's parameters are).
-        seed: base seed; run ``r`` uses ``seed + r``. Your global RNG state is left as it was.
+        encoders, train_batches, eval_batches: as for :func:`unimodal_histories`.
         higher_is_better: ``False`` when ``metric`` is a loss (passed to :func:`~pdmp_optim.rank_modalities`).
         early_epoch: which epoch's score counts as early (passed to :func:`~pdmp_optim.rank_modalities`).
         warn: emit one ``UserWarning`` when the ranking has notes (ties, near ties, disagreeing runs).
-
-    Returns:
-        A :class:`~pdmp_optim.ModalityRanking` over ``seeds`` runs, ready for ``PDMPOptimizer(ranking=...)``.
+        **probe_options: how the probes train, the keywords of :func:`unimodal_histories`: ``num_classes``
+            (required), ``epochs=10``, ``seeds=1``, ``subset=1.0``, ``optimizer`` (default: the paper's SGD),
+            ``metric`` (default: :func:`accuracy`), ``batch_fn``, ``progress``, ``device`` and ``seed=0``.
 
     Raises:
-        ValueError: a batch missing a modality or carrying one with no encoder, targets outside
-            ``num_classes``, one-shot iterators, ``subset`` outside (0, 1], ``seeds`` or ``epochs`` < 1,
-            empty data, or a diverging run.
-        TypeError: a non-module encoder, a batch that is not ``(inputs, target)``, a non-tensor output.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> from torch.nn.functional import one_hot
-    >>> from pdmp_optim import PDMPOptimizer
-    >>> g = torch.Generator().manual_seed(0)
-    >>> def batch(n=32):  # audio: loud but right only 70% of the time; visual: always right but faint (slow)
-    ...     y = torch.randint(0, 4, (n,), generator=g)
-    ...     shown = torch.where(torch.rand(n, generator=g) < 0.7, y, torch.randint(0, 4, (n,), generator=g))
-    ...     audio = 4.0 * one_hot(shown, 4) + torch.randn(n, 4, generator=g)
-    ...     visual = 0.2 * (2.0 * one_hot(y, 4) + 0.5 * torch.randn(n, 4, generator=g))
-    ...     return {"audio": audio, "visual": visual}, y
-    >>> train, val = [batch() for _ in range(16)], [batch() for _ in range(4)]
-    >>> _ = torch.manual_seed(0)
-    >>> model = nn.ModuleDict({"audio": nn.Linear(4, 8), "visual": nn.Linear(4, 8), "head": nn.Linear(16, 4)})
-    >>> encoders = {"audio": model["audio"], "visual": model["visual"]}
-    >>> ranking = analyze_modalities(encoders, train, val, num_classes=4, epochs=6, seeds=3, subset=0.5,
-    ...                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
-    >>> ranking.performance_dominant, ranking.optimization_dominant, ranking.agreement
-    ('visual', 'audio', 1.0)
-    >>> opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), encoders, ranking=ranking)
-    >>> opt.gammas
-    {'audio': 0.06666666666666667, 'visual': 15.0}
+        ValueError, TypeError: as :func:`unimodal_histories` and :func:`~pdmp_optim.rank_modalities` do;
+            an unknown keyword is a ``TypeError``.
     """
-    histories = unimodal_histories(
-        encoders,
-        train_batches,
-        eval_batches,
-        num_classes=num_classes,
-        epochs=epochs,
-        seeds=seeds,
-        subset=subset,
-        optimizer=optimizer,
-        metric=metric,
-        batch_fn=batch_fn,
-        progress=progress,
-        device=device,
-        seed=seed,
-    )
+    histories = unimodal_histories(encoders, train_batches, eval_batches, **probe_options)
     ranking = rank_modalities(histories, higher_is_better=higher_is_better, early_epoch=early_epoch, warn=False)
     if ranking.notes and warn:
-        warnings.warn(_warning_message(ranking.notes), UserWarning, stacklevel=2)
+        warnings.warn(ranking.warning_text(), UserWarning, stacklevel=2)
     return ranking
 
 
@@ -181,24 +119,52 @@ def unimodal_histories(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> dict[str, list[list[float]]]:
-    """Train the unimodal probes like :func:`analyze_modalities` and return the raw score histories.
-
-    Returns ``{modality: [run 0 history, run 1 history, ...]}``, each history holding ``epochs`` scores;
-    ``rank_modalities`` takes this as is. Use it to plot the curves or to rank single runs yourself.
+    """Train a linear probe on each encoder and return ``{modality: [run 0 history, run 1 history, ...]}``.
 
     >>> import torch
-    >>> from torch import nn
     >>> data = [({"a": torch.randn(8, 3), "b": torch.randn(8, 5)}, torch.randint(0, 3, (8,))) for _ in range(4)]
-    >>> encoders = {"a": nn.Linear(3, 4), "b": nn.Flatten()}
+    >>> encoders = {"a": torch.nn.Linear(3, 4), "b": torch.nn.Flatten()}
     >>> h = unimodal_histories(encoders, data[:3], data[3:], num_classes=3, epochs=2, seeds=2)
     >>> {m: (len(runs), len(runs[0])) for m, runs in h.items()}
     {'a': (2, 2), 'b': (2, 2)}
+
+    Each history holds ``epochs`` scores and :func:`~pdmp_optim.rank_modalities` takes the result as is; plot
+    the curves or rank single runs yourself. For each of ``seeds`` runs, every encoder is deep-copied, topped
+    with a fresh ``nn.Linear`` classifier on its flattened output and trained with cross-entropy; all
+    modalities train in one pass over the data (a batch is loaded once per epoch) and are scored with
+    ``metric`` after every epoch. Your encoders are never modified; parameters you froze
+    (``requires_grad=False``) stay frozen in the copies, so a frozen backbone gives a linear probe. Copies
+    train in ``train()`` mode and are evaluated in ``eval()`` mode.
+
+    Args:
+        encoders: modality -> your ``nn.Module`` encoder (at least two modalities). Each must return one
+            tensor whose first dimension is the batch.
+        train_batches: re-iterable data (a ``DataLoader``, a list) of ``(inputs, target)`` batches where
+            ``inputs`` maps each modality to a tensor and ``target`` holds class indices.
+        eval_batches: the same, for the validation data the probes are scored on after every epoch.
+        num_classes: number of classes; targets must lie in ``[0, num_classes)``.
+        epochs: training epochs per run. With ``epochs=1`` there is no early score.
+        seeds: number of independent runs (classifier init, data order and the subset drawn differ).
+        subset: fraction in (0, 1] of the training batches each run trains on, drawn per run.
+        optimizer: factory ``params -> Optimizer``; default: the paper's SGD (lr 1e-3, momentum 0.9,
+            weight decay 1e-4). Called once per modality and run.
+        metric: ``metric(logits, target) -> float`` over the whole eval set (default: :func:`accuracy`).
+        batch_fn: turns one of your batches into ``(inputs, target)``, for other layouts.
+        progress: a one-line progress display on stderr for runs longer than a second; ``None`` shows it
+            only when stderr is a terminal, ``False`` never, ``True`` always.
+        device: where to train the copies (default: where each encoder's parameters are).
+        seed: base seed; run ``r`` uses ``seed + r``. Your global RNG state is left as it was.
+
+    Raises:
+        ValueError: a batch missing a modality or carrying one with no encoder, targets outside
+            ``num_classes``, one-shot iterators, ``subset`` outside (0, 1], ``seeds`` or ``epochs`` < 1,
+            empty data, or a diverging run.
+        TypeError: a non-module encoder, a batch that is not ``(inputs, target)``, a non-tensor output.
     """
     names = _check_encoders(encoders)
-    num_classes = _check_int(num_classes, "num_classes", minimum=2)
-    epochs = _check_int(epochs, "epochs", minimum=1)
-    seeds = _check_int(seeds, "seeds", minimum=1)
-    seed = _check_int(seed, "seed", minimum=None)
+    num_classes = check_int(num_classes, "num_classes", minimum=2)
+    epochs, seeds = check_int(epochs, "epochs", minimum=1), check_int(seeds, "seeds", minimum=1)
+    seed = check_int(seed, "seed")
     if isinstance(subset, bool) or not isinstance(subset, (int, float)) or not 0.0 < float(subset) <= 1.0:
         raise ValueError(f"subset must be a fraction in (0, 1] of the training batches, got {subset!r}")
     for value, what in ((optimizer, "optimizer"), (metric, "metric"), (batch_fn, "batch_fn")):
@@ -206,47 +172,27 @@ def unimodal_histories(
             raise TypeError(f"{what} must be callable or None, got {type(value).__name__}")
     target_device = None if device is None else torch.device(device)
     make_optimizer = optimizer if optimizer is not None else _paper_sgd
-    score = metric if metric is not None else accuracy
     split = _Splitter(names, num_classes, batch_fn)
-    histories: dict[str, list[list[float]]] = {name: [] for name in names}
     cuda_devices = _cuda_devices(encoders, target_device)
+    runs: list[dict[str, list[float]]] = []
     # Everything that may draw random numbers (even iter() on a DataLoader does) runs on a forked, seeded RNG:
     # the CPU generator and those of the CUDA devices the probes use, and no other device's.
     with torch.random.fork_rng(devices=cuda_devices):
         _seed(seed, cuda_devices)
-        _check_reiterable(train_batches, "train_batches")
-        _check_reiterable(eval_batches, "eval_batches")
-        n_train = _count(train_batches)
-        if n_train == 0:
-            raise ValueError("train_batches is empty; pass at least one (inputs, target) batch")
-        if _count(eval_batches, at_least_one=True) == 0:
-            raise ValueError("eval_batches is empty; pass at least one (inputs, target) batch to score the probes")
-        n_used = min(n_train, max(1, round(float(subset) * n_train)))
-        first = split(next(iter(train_batches)), "train_batches", 0)
+        n_train, n_used, example = _first_look(train_batches, eval_batches, float(subset), split)
         bar = _Progress(progress, total=seeds * epochs * n_used)
         try:
             for run in range(seeds):
-                run_seed = seed + run
-                _seed(run_seed, cuda_devices)
-                chosen = _choose(n_train, n_used, run_seed)
+                _seed(seed + run, cuda_devices)
+                chosen = _choose(n_train, n_used, seed + run)
                 probes = {
-                    name: _Probe(name, encoders[name], first[0][name], num_classes, target_device, make_optimizer)
-                    for name in names
+                    n: _Probe(n, encoders[n], example[n], num_classes, target_device, make_optimizer) for n in names
                 }
-                run_history: dict[str, list[float]] = {name: [] for name in names}
-                for epoch in range(epochs):
-                    bar.describe(f"run {run + 1}/{seeds} epoch {epoch + 1}/{epochs}")
-                    _train_epoch(probes, train_batches, chosen, split, bar)
-                    for probe in probes.values():
-                        probe.check_finite(run, epoch)
-                    scores = _evaluate(probes, eval_batches, split, score)
-                    for name in names:
-                        run_history[name].append(scores[name])
-                for name in names:
-                    histories[name].append(run_history[name])
+                label = f"run {run + 1}/{seeds}"
+                runs.append(_train_run(probes, train_batches, eval_batches, chosen, split, metric, epochs, bar, label))
         finally:
             bar.close()
-    return histories
+    return {name: [run[name] for run in runs] for name in names}
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -274,6 +220,44 @@ def _seed(seed: int, cuda_devices: list[int]) -> None:
 def _paper_sgd(params: list[Tensor]) -> Optimizer:
     """The paper's optimizer: SGD, lr 1e-3, momentum 0.9, weight decay 1e-4."""
     return SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+
+def _first_look(
+    train_batches: Iterable[Any], eval_batches: Iterable[Any], subset: float, split: _Splitter
+) -> tuple[int, int, Mapping[str, Tensor]]:
+    """Check the data sources; return the number of training batches, how many a run uses, and a first input."""
+    _check_reiterable(train_batches, "train_batches")
+    _check_reiterable(eval_batches, "eval_batches")
+    n_train = _count(train_batches)
+    if n_train == 0:
+        raise ValueError("train_batches is empty; pass at least one (inputs, target) batch")
+    if _count(eval_batches, at_least_one=True) == 0:
+        raise ValueError("eval_batches is empty; pass at least one (inputs, target) batch to score the probes")
+    n_used = min(n_train, max(1, round(subset * n_train)))
+    return n_train, n_used, split(next(iter(train_batches)), "train_batches", 0)[0]
+
+
+def _train_run(
+    probes: Mapping[str, _Probe],
+    train_batches: Iterable[Any],
+    eval_batches: Iterable[Any],
+    chosen: list[int] | None,
+    split: _Splitter,
+    metric: Metric | None,
+    epochs: int,
+    bar: _Progress,
+    run: str,
+) -> dict[str, list[float]]:
+    """Train one run's probes on the ``chosen`` training batches; each modality's score after every epoch."""
+    history: dict[str, list[float]] = {name: [] for name in probes}
+    for epoch in range(epochs):
+        bar.describe(f"{run} epoch {epoch + 1}/{epochs}")
+        _train_epoch(probes, train_batches, chosen, split, bar)
+        for probe in probes.values():
+            probe.check_finite(run, epoch)
+        for name, score in _evaluate(probes, eval_batches, split, metric or accuracy).items():
+            history[name].append(score)
+    return history
 
 
 class _Probe:
@@ -334,11 +318,11 @@ class _Probe:
         self.optimizer.step()
         self.loss_sum += loss.detach()
 
-    def check_finite(self, run: int, epoch: int) -> None:
+    def check_finite(self, run: str, epoch: int) -> None:
         if not torch.isfinite(self.loss_sum):
             raise ValueError(
-                f"training the {self.name!r} probe diverged (loss {self.loss_sum.item()}) in run {run}, epoch "
-                f"{epoch}; lower the learning rate, e.g. optimizer=lambda p: torch.optim.SGD(p, lr=1e-4)"
+                f"training the {self.name!r} probe diverged (loss {self.loss_sum.item()}) in {run}, epoch "
+                f"{epoch + 1}; lower the learning rate, e.g. optimizer=lambda p: torch.optim.SGD(p, lr=1e-4)"
             )
         self.loss_sum.zero_()
 
@@ -513,19 +497,10 @@ def _check_encoders(encoders: Any) -> list[str]:
             "there is nothing to rank"
         )
     for name, encoder in encoders.items():
-        if not isinstance(name, str):
-            raise TypeError(f"modality names must be strings, got {name!r}")
+        check_name(name)
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder {name!r} must be an nn.Module, got {type(encoder).__name__}")
     return list(encoders)
-
-
-def _check_int(value: Any, what: str, *, minimum: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}: {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_reiterable(data: Any, what: str) -> None:

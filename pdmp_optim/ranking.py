@@ -13,18 +13,21 @@ unimodal models however you like and hand the scores to :func:`rank_modalities`:
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ._checks import as_finite, check_int, check_name
 from .coefficients import pdmp_gammas
 
 __all__ = ["ModalityRanking", "rank_modalities"]
 
 Scores = Mapping[str, Any]
+_REPAIR = "drop or repair that run before ranking"
 
 
 @dataclass(frozen=True)
@@ -141,32 +144,29 @@ class ModalityRanking:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModalityRanking:
-        """Rebuild a ranking from :meth:`to_dict`'s output (e.g. after ``json.load``).
+        """Rebuild a ranking from :meth:`to_dict`'s output (e.g. after ``json.load``), checking every field.
 
-        Only ``order`` and ``final_scores`` are required; the other keys default as for one run.
+        Only ``order`` and ``final_scores`` are required; the other keys default as for one run. Data that
+        contradicts itself (names that differ between fields, an ``order`` that is not best-first, an
+        ``agreement`` that does not match ``run_winners``) is a ``ValueError`` naming the field.
+
+        >>> ModalityRanking.from_dict({"order": ["v", "a"], "final_scores": {"a": 0.6, "v": 0.7}}).run_winners
+        ('v',)
         """
-        missing = [key for key in ("order", "final_scores") if key not in data]
-        if missing:
-            raise ValueError(f"not a ModalityRanking dict: missing {missing}; pass the output of to_dict()")
-        order = tuple(str(name) for name in data["order"])
-        final = {str(k): float(v) for k, v in data["final_scores"].items()}
-        if set(final) != set(order) or len(order) != len(final):
-            raise ValueError(f"final_scores names {sorted(final)} but order names {list(order)}")
-        early = data.get("early_scores")
-        early_std = data.get("early_std")
-        final_std = data.get("final_std")
-        return cls(
-            order=order,
-            final_scores={n: final[n] for n in order},
-            early_scores=None if early is None else {str(k): float(v) for k, v in early.items()},
-            final_std={n: 0.0 for n in order}
-            if final_std is None
-            else {str(k): float(v) for k, v in final_std.items()},
-            early_std=None if early_std is None else {str(k): float(v) for k, v in early_std.items()},
-            higher_is_better=bool(data.get("higher_is_better", True)),
-            run_winners=tuple(str(w) for w in data.get("run_winners", ())),
-            agreement=float(data.get("agreement", 1.0)),
-            notes=tuple(str(n) for n in data.get("notes", ())),
+        return cls(**_fields(data))
+
+    def warning_text(self) -> str:
+        """The text :func:`rank_modalities` warns with when :attr:`notes` is not empty (``""`` when confident).
+
+        >>> rank_modalities({"a": 0.5, "b": 0.5}, warn=False).warning_text().startswith("modality ranking is not")
+        True
+        """
+        if not self.notes:
+            return ""
+        return (
+            "modality ranking is not clear-cut: "
+            + "; ".join(self.notes)
+            + ". More epochs, data or seeds help; or pass explicit gammas={...} to PDMPOptimizer."
         )
 
     def __repr__(self) -> str:
@@ -237,6 +237,16 @@ def rank_modalities(
     >>> r.agreement, r.run_winners, r.final_std["v"] < 0.01
     (1.0, ('v', 'v'), True)
     """
+    runs = _histories(scores)
+    ranking = _rank(runs, _early_runs(runs, early, early_epoch), bool(higher_is_better))
+    if ranking.notes and warn:
+        warnings.warn(ranking.warning_text(), UserWarning, stacklevel=2)
+    return ranking
+
+
+# ------------------------------------------------------------------------------------- reading the scores
+def _histories(scores: Any) -> dict[str, list[list[float]]]:
+    """Each modality's runs, each run a list of per-epoch scores; the same number of runs and epochs for all."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping modality -> scores, got {type(scores).__name__}")
     if len(scores) < 2:
@@ -244,12 +254,7 @@ def rank_modalities(
             f"rank_modalities needs scores for at least two modalities, got {list(scores)}; "
             "with one modality there is nothing to prioritise"
         )
-    if isinstance(early_epoch, bool) or not isinstance(early_epoch, int):
-        raise TypeError(f"early_epoch must be an int (an epoch index), got {type(early_epoch).__name__}")
-    runs = {str(name): _as_runs(str(name), value) for name, value in scores.items()}
-    if len(runs) != len(scores):
-        raise ValueError(f"modality names must be distinct as strings, got {list(scores)}")
-    names = list(runs)
+    runs = {check_name(name): _as_runs(name, value) for name, value in scores.items()}
     counts = {name: len(r) for name, r in runs.items()}
     if len(set(counts.values())) != 1:
         raise ValueError(f"every modality needs the same number of runs, got {counts}; drop the extra runs")
@@ -259,116 +264,15 @@ def rank_modalities(
             f"histories must all have the same number of epochs, got {lengths} per modality; trim them to a "
             "common length, or pass single final scores (with early=) instead"
         )
-    n_epochs = lengths[names[0]][0]
-    n_runs = counts[names[0]]
-
-    early_runs: dict[str, list[float]] | None
-    if early is not None:
-        if n_epochs > 1:
-            raise ValueError("pass early= only with single final scores; histories already hold early scores")
-        if n_runs != 1:
-            raise ValueError("early= takes one score per modality; give per-epoch histories for several runs")
-        if not isinstance(early, Mapping) or set(map(str, early)) != set(names):
-            shown = list(early) if isinstance(early, Mapping) else type(early).__name__
-            raise ValueError(f"early= must map exactly the modalities {names} to a score, got {shown}")
-        early_by_name = {str(k): v for k, v in early.items()}
-        early_runs = {name: [_as_number(name, early_by_name[name], "early score")] for name in names}
-    elif n_epochs > 1:
-        if not -n_epochs <= early_epoch < n_epochs:
-            raise ValueError(
-                f"early_epoch={early_epoch} is outside the histories ({n_epochs} epochs); "
-                f"pass 0 <= early_epoch < {n_epochs}"
-            )
-        early_runs = {name: [history[early_epoch] for history in r] for name, r in runs.items()}
-    else:
-        early_runs = None
-
-    final_runs = {name: [history[-1] for history in r] for name, r in runs.items()}
-    final = {name: statistics.fmean(v) for name, v in final_runs.items()}
-    final_std = {name: _std(v) for name, v in final_runs.items()}
-    early_mean = None if early_runs is None else {n: statistics.fmean(v) for n, v in early_runs.items()}
-    early_std = None if early_runs is None else {n: _std(v) for n, v in early_runs.items()}
-
-    sign = 1.0 if higher_is_better else -1.0
-    order = tuple(sorted(names, key=lambda n: -sign * final[n]))  # stable: ties keep the input order
-    run_winners = tuple(_best({n: final_runs[n][i] for n in names}, higher_is_better) for i in range(n_runs))
-    agreement = sum(w == order[0] for w in run_winners) / n_runs
-
-    notes: list[str] = []
-    best, second = order[0], order[1]
-    if final[best] == final[second]:
-        tied = [n for n in order if final[n] == final[best]]
-        notes.append(f"final scores tie between {tied}; {best!r} wins by input order")
-    elif n_runs > 1 and abs(final[best] - final[second]) <= max(final_std[best], final_std[second]):
-        notes.append(
-            f"{best!r} and {second!r} are within one standard deviation at the end "
-            f"({final[best]:.4g}±{final_std[best]:.2g} vs {final[second]:.4g}±{final_std[second]:.2g})"
-        )
-    if agreement < 1.0:
-        notes.append(f"only {agreement:.0%} of runs rank {best!r} first (run winners: {list(run_winners)})")
-    if early_mean is not None and early_runs is not None:
-        m_o = _best(early_mean, higher_is_better)
-        tied = [n for n in names if early_mean[n] == early_mean[m_o]]
-        if len(tied) > 1:
-            notes.append(f"early scores tie between {tied}; {m_o!r} is optimization-dominant by input order")
-        early_winners = [_best({n: early_runs[n][i] for n in names}, higher_is_better) for i in range(n_runs)]
-        if any(w != m_o for w in early_winners):
-            notes.append(
-                f"runs disagree on the optimization-dominant modality (early winners: {early_winners}; {m_o!r} by mean)"
-            )
-    if notes and warn:
-        warnings.warn(_warning_message(notes), UserWarning, stacklevel=2)
-    return ModalityRanking(
-        order=order,
-        final_scores={n: final[n] for n in order},
-        early_scores=early_mean,  # input order: ties for m_o go to the first listed, like ties for m_p
-        final_std={n: final_std[n] for n in order},
-        early_std=early_std,
-        higher_is_better=higher_is_better,
-        run_winners=run_winners,
-        agreement=agreement,
-        notes=tuple(notes),
-    )
-
-
-def _warning_message(notes: Sequence[str]) -> str:
-    """The one warning text for a ranking with ``notes`` (shared with :func:`analyze_modalities`)."""
-    return (
-        "modality ranking is not clear-cut: "
-        + "; ".join(notes)
-        + ". More epochs, data or seeds help; or pass explicit gammas={...} to PDMPOptimizer."
-    )
-
-
-def _best(scores: Mapping[str, float], higher_is_better: bool) -> str:
-    """The best-scoring name; ties go to the first in mapping order."""
-    sign = 1.0 if higher_is_better else -1.0
-    return max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
-
-
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _as_number(name: str, value: Any, what: str) -> float:
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()  # NumPy scalars/arrays, tensors
-    while isinstance(value, list) and len(value) == 1:
-        value = value[0]  # one-element tensors and arrays
-    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} of {name!r} must be a number, got {type(value).__name__}: {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{what} of {name!r} is {number}; drop or repair that run before ranking")
-    return number
+    return runs
 
 
 def _as_runs(name: str, value: Any) -> list[list[float]]:
-    """Normalise one modality's scores to a list of runs, each a list of per-epoch scores."""
+    """One modality's scores as a list of runs, each a list of per-epoch scores."""
     if hasattr(value, "tolist"):
-        value = value.tolist()
+        value = value.tolist()  # NumPy values and arrays, tensors
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [[_as_number(name, value, "score")]]
+        return [[as_finite(value, f"score of {name!r}", _REPAIR)]]
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
         raise TypeError(
             f"scores of {name!r} must be a number, a per-epoch list, or a list of such lists; "
@@ -377,11 +281,198 @@ def _as_runs(name: str, value: Any) -> list[list[float]]:
     if len(value) == 0:
         raise ValueError(f"scores of {name!r} are empty; give at least one score")
     items = [v.tolist() if hasattr(v, "tolist") else v for v in value]
-    if all(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in items):
-        runs = []
-        for i, history in enumerate(items):
-            if len(history) == 0:
-                raise ValueError(f"run {i} of {name!r} is empty; give at least one score per run")
-            runs.append([_as_number(name, s, f"score (run {i}, epoch {e})") for e, s in enumerate(history)])
-        return runs
-    return [[_as_number(name, s, f"score (epoch {e})") for e, s in enumerate(items)]]
+    if not all(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in items):
+        return [[as_finite(s, f"score (epoch {e}) of {name!r}", _REPAIR) for e, s in enumerate(items)]]
+    for i, history in enumerate(items):
+        if len(history) == 0:
+            raise ValueError(f"run {i} of {name!r} is empty; give at least one score per run")
+    return [
+        [as_finite(s, f"score (run {i}, epoch {e}) of {name!r}", _REPAIR) for e, s in enumerate(history)]
+        for i, history in enumerate(items)
+    ]
+
+
+def _early_runs(runs: dict[str, list[list[float]]], early: Any, early_epoch: Any) -> dict[str, list[float]] | None:
+    """Each modality's early score per run: from ``early=``, from the histories, or ``None`` (unknown)."""
+    early_epoch = check_int(early_epoch, "early_epoch")
+    names = list(runs)
+    n_runs, n_epochs = len(runs[names[0]]), len(runs[names[0]][0])
+    if early_epoch < 0 or (n_epochs > 1 and early_epoch >= n_epochs):
+        raise ValueError(
+            f"early_epoch={early_epoch} is outside the histories ({n_epochs} epochs); "
+            f"pass 0 <= early_epoch < {n_epochs}"
+        )
+    if early is None:
+        return None if n_epochs == 1 else {name: [h[early_epoch] for h in r] for name, r in runs.items()}
+    if n_epochs > 1:
+        raise ValueError("pass early= only with single final scores; histories already hold early scores")
+    if n_runs != 1:
+        raise ValueError("early= takes one score per modality; give per-epoch histories for several runs")
+    if not isinstance(early, Mapping) or set(early) != set(names):
+        shown = list(early) if isinstance(early, Mapping) else type(early).__name__
+        raise ValueError(f"early= must map exactly the modalities {names} to a score, got {shown}")
+    return {name: [as_finite(early[name], f"early score of {name!r}", _REPAIR)] for name in names}
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+def _rank(
+    runs: dict[str, list[list[float]]], early_runs: dict[str, list[float]] | None, higher_is_better: bool
+) -> ModalityRanking:
+    """Means, spreads, order, run winners and notes of checked runs."""
+    final_runs = {name: [history[-1] for history in r] for name, r in runs.items()}
+    final, final_std = _mean(final_runs), _spread(final_runs)
+    sign = 1.0 if higher_is_better else -1.0
+    order = tuple(sorted(final, key=lambda n: -sign * final[n]))  # stable: ties keep the input order
+    run_winners = _winners(final_runs, higher_is_better)
+    agreement = sum(w == order[0] for w in run_winners) / len(run_winners)
+    notes = _final_notes(order, final, final_std, run_winners, agreement)
+    early = None if early_runs is None else _mean(early_runs)  # input order: ties for m_o go to the first listed
+    if early_runs is not None and early is not None:
+        notes += _early_notes(early_runs, early, higher_is_better)
+    return ModalityRanking(
+        order=order,
+        final_scores={n: final[n] for n in order},
+        early_scores=early,
+        final_std={n: final_std[n] for n in order},
+        early_std=None if early_runs is None else _spread(early_runs),
+        higher_is_better=higher_is_better,
+        run_winners=run_winners,
+        agreement=agreement,
+        notes=tuple(notes),
+    )
+
+
+def _final_notes(
+    order: tuple[str, ...],
+    final: Mapping[str, float],
+    std: Mapping[str, float],
+    run_winners: tuple[str, ...],
+    agreement: float,
+) -> list[str]:
+    """Why ``m_p`` may be doubtful: exact ties, a gap within one standard deviation, disagreeing runs."""
+    notes: list[str] = []
+    best, second = order[0], order[1]
+    if final[best] == final[second]:
+        tied = [n for n in order if final[n] == final[best]]
+        notes.append(f"final scores tie between {tied}; {best!r} wins by input order")
+    elif len(run_winners) > 1 and abs(final[best] - final[second]) <= max(std[best], std[second]):
+        notes.append(
+            f"{best!r} and {second!r} are within one standard deviation at the end "
+            f"({final[best]:.4g}±{std[best]:.2g} vs {final[second]:.4g}±{std[second]:.2g})"
+        )
+    if agreement < 1.0:
+        notes.append(f"only {agreement:.0%} of runs rank {best!r} first (run winners: {list(run_winners)})")
+    return notes
+
+
+def _early_notes(early_runs: Mapping[str, list[float]], early: Mapping[str, float], higher: bool) -> list[str]:
+    """Why ``m_o`` may be doubtful: exact ties of the early means, runs whose early winners differ."""
+    notes: list[str] = []
+    m_o = _best(early, higher)
+    tied = [n for n in early if early[n] == early[m_o]]
+    if len(tied) > 1:
+        notes.append(f"early scores tie between {tied}; {m_o!r} is optimization-dominant by input order")
+    winners = list(_winners(early_runs, higher))
+    if any(w != m_o for w in winners):
+        notes.append(f"runs disagree on the optimization-dominant modality (early winners: {winners}; {m_o!r} by mean)")
+    return notes
+
+
+def _winners(per_run: Mapping[str, Sequence[float]], higher_is_better: bool) -> tuple[str, ...]:
+    """Each run's best modality (ties go to the first listed)."""
+    n_runs = len(next(iter(per_run.values())))
+    return tuple(_best({n: v[i] for n, v in per_run.items()}, higher_is_better) for i in range(n_runs))
+
+
+def _best(scores: Mapping[str, float], higher_is_better: bool) -> str:
+    """The best-scoring name; ties go to the first in mapping order."""
+    sign = 1.0 if higher_is_better else -1.0
+    return max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
+
+
+def _mean(per_run: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {name: statistics.fmean(values) for name, values in per_run.items()}
+
+
+def _spread(per_run: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Sample standard deviation over runs (0.0 for one run)."""
+    return {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in per_run.items()}
+
+
+# ------------------------------------------------------------------------------------- reading to_dict()
+def _fields(data: Any) -> dict[str, Any]:
+    """The checked constructor arguments of a :meth:`ModalityRanking.to_dict` dict."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"from_dict needs a dict (the output of to_dict()), got {type(data).__name__}")
+    missing = [key for key in ("order", "final_scores") if key not in data]
+    unknown = [key for key in data if key not in {f.name for f in fields(ModalityRanking)}]
+    if missing or unknown:
+        raise ValueError(
+            f"not a ModalityRanking dict: missing {missing}, unknown keys {unknown}; pass the output of to_dict()"
+        )
+    order = _strings(data["order"], "order", names=True)
+    if len(order) < 2 or len(set(order)) != len(order):
+        raise ValueError(f"order must list at least two distinct modalities, got {list(order)}")
+    higher = data.get("higher_is_better", True)
+    if not isinstance(higher, bool):
+        raise TypeError(f"higher_is_better must be true or false, got {higher!r}")
+    final = _scores(data["final_scores"], "final_scores", order)
+    sign = 1.0 if higher else -1.0
+    if any(sign * final[a] < sign * final[b] for a, b in itertools.pairwise(order)):
+        raise ValueError(f"order {list(order)} is not best-first by final_scores {final} (higher_is_better={higher})")
+    zeros = dict.fromkeys(order, 0.0)
+    final_std = data.get("final_std")
+    final_std = _scores(zeros if final_std is None else final_std, "final_std", order, spread=True)
+    early, early_std = data.get("early_scores"), data.get("early_std")
+    if early is None and early_std is not None:
+        raise ValueError("early_std is given but early_scores is not; pass both or neither")
+    winners, agreement = _run_fields(data, order)
+    return {
+        "order": order,
+        "final_scores": {n: final[n] for n in order},
+        "early_scores": None if early is None else _scores(early, "early_scores", order),  # keeps its own order
+        "final_std": {n: final_std[n] for n in order},
+        "early_std": None if early is None else _scores(early_std or zeros, "early_std", order, spread=True),
+        "higher_is_better": higher,
+        "run_winners": winners,
+        "agreement": agreement,
+        "notes": _strings(data.get("notes", ()), "notes"),
+    }
+
+
+def _run_fields(data: Mapping[str, Any], order: tuple[str, ...]) -> tuple[tuple[str, ...], float]:
+    """``run_winners`` (default: one run won by ``order[0]``) and the ``agreement`` that matches them."""
+    winners = _strings(data.get("run_winners", order[:1]), "run_winners", names=True)
+    if not winners or any(w not in order for w in winners):
+        raise ValueError(f"run_winners must name one modality of order {list(order)} per run, got {list(winners)}")
+    agreement = sum(w == order[0] for w in winners) / len(winners)
+    given = as_finite(data.get("agreement", agreement), "agreement")
+    if not 0.0 <= given <= 1.0 or not math.isclose(given, agreement, rel_tol=1e-9):
+        raise ValueError(
+            f"agreement={given} does not match run_winners {list(winners)}: {agreement} of the runs rank "
+            f"{order[0]!r} first; pass the output of to_dict()"
+        )
+    return winners, agreement
+
+
+def _strings(value: Any, key: str, *, names: bool = False) -> tuple[str, ...]:
+    """A list field of strings; with ``names``, of non-empty modality names."""
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, (str, bytes))
+        or not all(isinstance(v, str) and (v or not names) for v in value)
+    ):
+        raise TypeError(f"{key} must be a list of {'modality names' if names else 'strings'}, got {value!r}")
+    return tuple(value)
+
+
+def _scores(value: Any, key: str, names: Sequence[str], *, spread: bool = False) -> dict[str, float]:
+    """A ``{modality: number}`` field naming exactly ``names``; finite, and ``>= 0`` for a spread."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{key} must map modality -> number, got {type(value).__name__}")
+    if set(value) != set(names):
+        raise ValueError(f"{key} names {list(value)} but order names {list(names)}; give one entry per modality")
+    scores = {name: as_finite(v, f"{key}[{name!r}]") for name, v in value.items()}
+    if spread and any(v < 0 for v in scores.values()):
+        raise ValueError(f"{key} must be >= 0 (a standard deviation), got {scores}")
+    return scores

@@ -3,6 +3,7 @@ a ValueError naming the fix, runs are reproducible, and doubtful rankings warn o
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import warnings
@@ -247,6 +248,28 @@ def test_wrong_types_are_type_errors() -> None:
         analyze_modalities(enc, TRAIN, VAL, num_classes=C, epochs=1)
     with pytest.raises(TypeError, match=r"not a torch\.optim\.Optimizer"):
         analyze_modalities(make_encoders(), TRAIN, VAL, num_classes=C, epochs=1, optimizer=lambda p: p)
+
+
+def test_probe_options_are_forwarded_checked_and_documented() -> None:
+    """analyze_modalities takes unimodal_histories' keywords as they are, without repeating them."""
+    kwargs = dict(num_classes=C, epochs=2, subset=0.25, optimizer=fast_sgd)
+    with pytest.raises(TypeError, match="'epoch'"):
+        analyze_modalities(make_encoders(), TRAIN, VAL, **{**kwargs, "epoch": 2})
+    with pytest.raises(TypeError, match="num_classes"):
+        analyze_modalities(make_encoders(), TRAIN, VAL)
+    with pytest.raises(TypeError, match=r"^epochs must be an int"):
+        analyze_modalities(make_encoders(), TRAIN, VAL, **{**kwargs, "epochs": "2"})
+    with pytest.raises(ValueError, match=r"early_epoch=-1 .*pass 0 <= early_epoch < 2"):
+        analyze_modalities(make_encoders(), TRAIN, VAL, early_epoch=-1, **kwargs)
+    with pytest.raises(TypeError, match="modality names must be non-empty strings"):
+        analyze_modalities({"": nn.Linear(QUICK_DIM, 4), "slow": nn.Linear(SLOW_DIM, 4)}, TRAIN, VAL, **kwargs)
+    own = inspect.signature(analyze_modalities).parameters
+    assert [n for n, p in own.items() if p.kind is p.KEYWORD_ONLY] == ["higher_is_better", "early_epoch", "warn"]
+    probe = [n for n, p in inspect.signature(unimodal_histories).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert len(probe) == 10
+    for name in probe:
+        assert f"``{name}" in (analyze_modalities.__doc__ or ""), name
+        assert f"{name}:" in (unimodal_histories.__doc__ or ""), name
 
 
 def test_diverging_run_names_the_learning_rate() -> None:

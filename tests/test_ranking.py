@@ -57,11 +57,19 @@ def test_early_epoch_picks_the_early_score() -> None:
     assert rank_modalities(scores).optimization_dominant == "v"
     r = rank_modalities(scores, early_epoch=1)
     assert r.optimization_dominant == "a" and r.early_scores == {"v": 0.5, "a": 0.6}
-    assert rank_modalities(scores, early_epoch=-2).early_scores == r.early_scores
     with pytest.raises(ValueError, match=r"early_epoch=3 is outside the histories \(3 epochs\)"):
         rank_modalities(scores, early_epoch=3)
     with pytest.raises(TypeError, match="early_epoch must be an int"):
         rank_modalities(scores, early_epoch=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("early_epoch", [-1, -2, -3, -4])
+def test_negative_early_epoch_is_refused_as_the_message_says(early_epoch: int) -> None:
+    """0.1 took -1 as the last epoch although its own message asked for 0 <= early_epoch."""
+    with pytest.raises(ValueError, match=rf"early_epoch={early_epoch} .*pass 0 <= early_epoch < 3"):
+        rank_modalities({"a": [0.1, 0.6, 0.7], "v": [0.2, 0.5, 0.8]}, early_epoch=early_epoch)
+    with pytest.raises(ValueError, match=rf"early_epoch={early_epoch} "):  # single scores: still not an index
+        rank_modalities({"a": 0.6, "v": 0.7}, early_epoch=early_epoch)
 
 
 def test_several_runs_mean_std_and_winners() -> None:
@@ -219,6 +227,13 @@ def test_wrong_types_are_type_errors(scores: object, message: str) -> None:
         rank_modalities(scores)  # type: ignore[arg-type]
 
 
+def test_modality_names_must_be_strings() -> None:
+    """One rule for names everywhere: 0.1 turned 0 into "0", which then matched no encoder group."""
+    for scores in ({0: 0.6, 1: 0.7}, {"a": 0.6, "": 0.7}):
+        with pytest.raises(TypeError, match="modality names must be non-empty strings"):
+            rank_modalities(scores)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------- plain data
 def _examples() -> list[ModalityRanking]:
     with warnings.catch_warnings():
@@ -255,11 +270,83 @@ def test_equality_and_hash() -> None:
 def test_from_dict_accepts_a_minimal_dict_and_rejects_garbage() -> None:
     r = ModalityRanking.from_dict({"order": ["v", "a"], "final_scores": {"a": 0.6, "v": 0.7}})
     assert r.performance_dominant == "v" and r.num_runs == 1 and r.agreement == 1.0 and r.final_std["a"] == 0.0
+    assert r.run_winners == ("v",)  # the defaults are those of one run, as rank_modalities gives them
+    assert r == rank_modalities({"v": 0.7, "a": 0.6}) and ModalityRanking.from_dict(r.to_dict()) == r
     assert r.gammas(15) == {"v": 15.0, "a": 1 / 15}
     with pytest.raises(ValueError, match="missing"):
         ModalityRanking.from_dict({"order": ["v", "a"]})
     with pytest.raises(ValueError, match="order names"):
         ModalityRanking.from_dict({"order": ["v", "x"], "final_scores": {"a": 0.6, "v": 0.7}})
+
+
+def _valid() -> dict:
+    """A three-run ranking with early scores, as to_dict() writes it after a JSON round trip."""
+    runs = {"a": [[0.5, 0.7], [0.5, 0.9], [0.5, 0.6]], "v": [[0.3, 0.8], [0.3, 0.85], [0.3, 0.82]]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return json.loads(json.dumps(rank_modalities(runs).to_dict()))
+
+
+INCONSISTENT = [
+    ("early names", {"early_scores": {"a": 0.5, "x": 0.3}}, ValueError, r"early_scores names \['a', 'x'\]"),
+    ("early too few", {"early_scores": {"a": 0.5}}, ValueError, r"early_scores names \['a'\] but order"),
+    ("final_std names", {"final_std": {"v": 0.1, "t": 0.1}}, ValueError, r"final_std names"),
+    ("early_std names", {"early_std": {"v": 0.0}}, ValueError, r"early_std names"),
+    ("early_std alone", {"early_scores": None}, ValueError, r"early_std is given but early_scores is not"),
+    ("negative std", {"final_std": {"v": -0.1, "a": 0.1}}, ValueError, r"final_std must be >= 0"),
+    ("nan score", {"final_scores": {"v": math.nan, "a": 0.7}}, ValueError, r"final_scores\['v'\] is nan"),
+    ("text score", {"final_scores": {"v": "0.8", "a": 0.7}}, TypeError, r"final_scores\['v'\] must be a number"),
+    ("scores not a dict", {"early_scores": [0.5, 0.3]}, TypeError, r"early_scores must map modality"),
+    ("agreement > 1", {"agreement": 1.5}, ValueError, r"agreement=1.5 does not match run_winners"),
+    ("agreement < 0", {"agreement": -0.1}, ValueError, r"agreement=-0.1"),
+    ("agreement off", {"agreement": 1.0}, ValueError, r"agreement=1.0 does not match run_winners"),
+    ("agreement nan", {"agreement": math.nan}, ValueError, r"agreement is nan"),
+    ("unknown winner", {"run_winners": ["v", "x", "a"]}, ValueError, r"run_winners must name one modality of"),
+    ("no winners", {"run_winners": []}, ValueError, r"run_winners must name one modality"),
+    ("winner not a name", {"run_winners": ["v", 1, "a"]}, TypeError, r"run_winners must be a list of modality"),
+    ("order not best-first", {"order": ["a", "v"]}, ValueError, r"order \['a', 'v'\] is not best-first"),
+    ("order repeats", {"order": ["v", "v"]}, ValueError, r"at least two distinct modalities"),
+    ("order a string", {"order": "va"}, TypeError, r"order must be a list of modality names"),
+    ("one modality", {"order": ["v"], "final_scores": {"v": 0.8}}, ValueError, r"at least two distinct"),
+    ("direction a string", {"higher_is_better": "false"}, TypeError, r"higher_is_better must be true or false"),
+    ("notes a string", {"notes": "unclear"}, TypeError, r"notes must be a list of strings"),
+    ("notes not text", {"notes": [1]}, TypeError, r"notes must be a list of strings"),
+    ("misspelt key", {"early_score": {"v": 0.3, "a": 0.5}}, ValueError, r"unknown keys \['early_score'\]"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "error", "message"), INCONSISTENT, ids=[c[0] for c in INCONSISTENT])
+def test_from_dict_refuses_inconsistent_data_naming_the_field(case: str, change: dict, error: type, message: str):
+    """0.1 accepted all of these, and several then failed in repr() or gave a wrong performance_dominant."""
+    data = {**_valid(), **change}
+    with pytest.raises(error, match=message):
+        ModalityRanking.from_dict(data)
+
+
+def test_from_dict_round_trips_through_json_and_keeps_the_early_order() -> None:
+    data = _valid()
+    r = ModalityRanking.from_dict(data)
+    assert r.run_winners == ("v", "a", "v") and r.agreement == pytest.approx(2 / 3) and r.notes
+    assert ModalityRanking.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert repr(ModalityRanking.from_dict(r.to_dict())) == repr(r)
+    # early scores keep their own order: it is the input order that breaks ties for m_o
+    tied = {**data, "early_scores": {"v": 0.5, "a": 0.5}, "early_std": {"v": 0.0, "a": 0.0}}
+    assert ModalityRanking.from_dict(tied).optimization_dominant == "v"
+    tied["early_scores"] = {"a": 0.5, "v": 0.5}
+    assert ModalityRanking.from_dict(tied).optimization_dominant == "a"
+    # final_std may be null (0.1 wrote no spread for one run), early_std defaults to zeros
+    r = ModalityRanking.from_dict({**data, "final_std": None, "early_std": None})
+    assert r.final_std == {"v": 0.0, "a": 0.0} and r.early_std == {"a": 0.0, "v": 0.0}
+    with pytest.raises(TypeError, match="from_dict needs a dict"):
+        ModalityRanking.from_dict([("order", ["v", "a"])])  # type: ignore[arg-type]
+
+
+def test_warning_text_is_the_text_rank_modalities_warns_with() -> None:
+    with pytest.warns(UserWarning) as record:
+        r = rank_modalities({"a": 0.5, "b": 0.5})
+    assert str(user_warnings(record)[0].message) == r.warning_text()
+    assert r.warning_text().startswith("modality ranking is not clear-cut: final scores tie")
+    assert rank_modalities({"a": 0.5, "b": 0.6}).warning_text() == ""
 
 
 def test_ranking_plugs_into_the_optimizer() -> None:
@@ -269,6 +356,53 @@ def test_ranking_plugs_into_the_optimizer() -> None:
     params = [*audio.parameters(), *visual.parameters()]
     opt = PDMPOptimizer(torch.optim.SGD(params, lr=0.1), {"audio": audio, "visual": visual}, ranking=restored)
     assert opt.gammas == {"audio": 1 / 15, "visual": 15.0}
+
+
+# ------------------------------------------------------------------------------------ the coefficient rule
+@pytest.mark.parametrize(
+    "gamma_p",
+    [torch.tensor([4.0]), torch.tensor(4.0), np.array([4.0]), np.array(4.0), np.float32(4.0), np.int64(4)],
+    ids=["tensor1", "tensor0d", "array1", "array0d", "np-float", "np-int"],
+)
+def test_gamma_p_may_be_a_one_element_tensor_or_array(gamma_p: object) -> None:
+    """0.1 failed on a one-element array with NumPy's own message, which did not name gamma_p."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = pdmp_gammas(["a", "v"], "v", gamma_p=gamma_p, optimization_dominant="a")  # type: ignore[arg-type]
+        assert g == {"a": 0.25, "v": 4.0} and all(type(v) is float for v in g.values())
+        assert rank_modalities({"a": [0.6, 0.7], "v": [0.4, 0.8]}).gammas(gamma_p) == {"v": 4.0, "a": 0.25}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("gamma_p", "error", "message"),
+    [
+        (torch.tensor([2.0, 3.0]), TypeError, r"gamma_p must be a number, got list"),
+        (np.array([2.0, 3.0]), TypeError, r"gamma_p must be a number, got list"),
+        (np.array([]), TypeError, r"gamma_p must be a number"),
+        ("15", TypeError, r"gamma_p must be a number"),
+        (torch.tensor([math.nan]), ValueError, r"gamma_p must be a finite number > 0"),
+        (np.array([0.5]), ValueError, r"gamma_p must be >= 1"),
+    ],
+    ids=["tensor2", "array2", "array0", "str", "nan", "below-one"],
+)
+def test_a_bad_gamma_p_is_named_in_the_message(gamma_p: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        pdmp_gammas(["a", "v"], "v", gamma_p=gamma_p)  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        rank_modalities({"a": 0.6, "v": 0.7}).gammas(gamma_p)  # type: ignore[arg-type]
+
+
+def test_pdmp_gammas_checks_names_and_early_scores() -> None:
+    early = {"a": torch.tensor([0.6]), "v": np.float32(0.5)}
+    assert pdmp_gammas(["a", "v"], "v", early_scores=early, gamma_p=2) == {"a": 0.5, "v": 2.0}  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"early_scores\['a'\] is nan"):
+        pdmp_gammas(["a", "v"], "v", early_scores={"a": math.nan, "v": 0.5})
+    with pytest.raises(ValueError, match=r"early_scores has no entry for \['a'\]"):
+        pdmp_gammas(["a", "v"], "v", early_scores={"v": 0.5})
+    with pytest.raises(ValueError, match="name one modality twice"):
+        pdmp_gammas(["a", "v", "a"], "v")
+    with pytest.raises(TypeError, match="modality names must be non-empty strings"):
+        pdmp_gammas(["a", 2], "a")  # type: ignore[list-item]
 
 
 # ------------------------------------------------------------------------- properties of the coefficient rule
