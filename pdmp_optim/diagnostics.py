@@ -29,7 +29,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _device_has_foreach_support
 
 from .optimizer import PDMPOptimizer
 
@@ -92,16 +91,6 @@ def logit_ratio(logits_by_modality: Mapping[str, Tensor], reference: str | None 
 def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dict[str | None, Tensor]:
     """Return the L2 norm of each modality's current gradients, as 0-dim tensors (computed now, on demand).
 
-    Call it before and after :meth:`~pdmp_optim.PDMPOptimizer.scale_grads_` to see the gradients the loss
-    produced and the ones the inner optimizer will use. Each modality costs one ``torch._foreach_norm`` per
-    (device, dtype) of its parameters (via ``torch.nn.utils.get_total_norm``); there is no ``.item()`` inside.
-    Parameters without a gradient are skipped; a modality with none reads 0. With ``include_shared=True``
-    the parameters PDMP leaves untouched (fusion, head) are reported under the key ``None``.
-
-    In ``mode="lr"`` the coefficient is applied to the learning rate, so ``scale_grads_`` does not change
-    the gradients and the two readouts agree. Under FSDP2 the gradients are DTensor shards and each norm is a
-    DTensor: read it with ``.full_tensor()``.
-
     >>> import torch
     >>> enc, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     >>> opt = PDMPOptimizer(torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1),
@@ -113,6 +102,18 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
     >>> opt.scale_grads_()
     >>> bool(torch.allclose(modality_grad_norms(opt)["audio"], 2 * before["audio"]))
     True
+
+    Call it before and after :meth:`~pdmp_optim.PDMPOptimizer.scale_grads_` to see the gradients the loss
+    produced and the ones the inner optimizer will use. Each modality costs one ``torch._foreach_norm`` per
+    (device, dtype) of its dense gradients; there is no ``.item()`` inside. A sparse gradient (e.g. from
+    ``nn.Embedding(sparse=True)``) counts with the norm of its coalesced values (coalescing an uncoalesced
+    one is the only step that may wait for the device). Parameters without a
+    gradient are skipped; a modality with none reads 0. With ``include_shared=True`` the parameters PDMP
+    leaves untouched (fusion, head) are reported under the key ``None``.
+
+    In ``mode="lr"`` the coefficient lives in the learning rate: the gradients, and so this readout, stay as
+    ``backward()`` left them. Under FSDP2 the gradients are DTensor shards and each norm is a
+    DTensor: read it with ``.full_tensor()``.
 
     Raises:
         TypeError: ``opt`` is not a :class:`~pdmp_optim.PDMPOptimizer`.
@@ -128,8 +129,34 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             norms[modality] = torch.zeros((), device=params[0].device if params else None)
-            continue
-        # foreach=True also for DTensor gradients (FSDP2), which the default would send down the slow path
-        foreach = all(_device_has_foreach_support(g.device) for g in grads) or None
-        norms[modality] = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+        else:
+            norms[modality] = _total_norm(grads)
     return norms
+
+
+# device types with a _foreach_norm kernel in every torch this package supports; others take one norm per tensor
+_FOREACH_DEVICES = ("cpu", "cuda")
+
+
+@torch.no_grad()
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of ``grads`` viewed as one vector, on the first gradient's device, without a host sync.
+
+    Dense gradients (DTensor shards included) go through one ``torch._foreach_norm`` per (device, dtype);
+    a sparse gradient contributes the norm of its coalesced values (duplicate indices summed first).
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    partial: list[Tensor] = []
+    for g in grads:
+        if g.layout == torch.strided:
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+        else:
+            values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
+            partial.append(torch.linalg.vector_norm(values))
+    for (device, _), tensors in buckets.items():
+        if device.type in _FOREACH_DEVICES:
+            partial.extend(torch._foreach_norm(tensors))
+        else:
+            partial.extend(torch.linalg.vector_norm(t) for t in tensors)
+    first = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in partial]))
