@@ -37,6 +37,9 @@ def pdmp_gammas(
 ) -> dict[str, float]:
     """Coefficient per modality by the paper's rule (Eq. 10-12), generalised to any number of modalities.
 
+    >>> pdmp_gammas(["a", "v", "t"], "v", early_scores={"a": 0.6, "v": 0.5, "t": 0.4}, gamma_p=10)
+    {'a': 0.1, 'v': 10.0, 't': 10.0}
+
     Args:
         modalities: every modality name, the dominant one included.
         dominant: the performance-dominant modality ``m_p``; it gets ``gamma_p``.
@@ -49,9 +52,6 @@ def pdmp_gammas(
 
     Returns:
         ``{modality: gamma}`` in the order of ``modalities``.
-
-    >>> pdmp_gammas(["a", "v", "t"], "v", early_scores={"a": 0.6, "v": 0.5, "t": 0.4}, gamma_p=10)
-    {'a': 0.1, 'v': 10.0, 't': 10.0}
     """
     names = [check_name(m) for m in modalities]
     if len(set(names)) != len(names):

@@ -38,6 +38,14 @@ __all__ = ["logit_ratio", "modality_grad_norms"]
 def logit_ratio(logits_by_modality: Mapping[str, Tensor], reference: str | None = None) -> dict[str, Tensor]:
     """Return each modality's optimization-dependency ratio ``w`` (the paper's Eq. 5), as 0-dim tensors.
 
+    >>> import torch
+    >>> s1, s2 = torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 1.0]])
+    >>> {m: round(float(v), 3) for m, v in logit_ratio({"audio": s1, "visual": s2}).items()}
+    {'audio': 2.0, 'visual': 0.5}
+    >>> s3 = torch.tensor([[2.0, 0.0]])
+    >>> {m: round(float(v), 3) for m, v in logit_ratio({"a": s1, "v": s2, "t": s3}, reference="v").items()}
+    {'a': 2.0, 't': 1.0}
+
     Pass each modality's contribution ``s_m`` to the fused logits (for a linear head over concatenated
     features, ``s_m = h_m @ W[:, cols_m].T``: the head's columns that read modality ``m``). The paper's
     two-modality ratio is ``w = sum|s_1| / sum|s_2|``; ``w > 1`` means the model leans on modality 1.
@@ -50,14 +58,6 @@ def logit_ratio(logits_by_modality: Mapping[str, Tensor], reference: str | None 
     With two modalities both forms give the paper's ``w`` for the first (and ``1/w`` for the second when
     ``reference`` is ``None``). ``w[m] > 1`` with ``reference=None`` means modality ``m`` outweighs all the
     others combined. The sums are taken in float32 without gradients; nothing syncs with the device.
-
-    >>> import torch
-    >>> s1, s2 = torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 1.0]])
-    >>> {m: round(float(v), 3) for m, v in logit_ratio({"audio": s1, "visual": s2}).items()}
-    {'audio': 2.0, 'visual': 0.5}
-    >>> s3 = torch.tensor([[2.0, 0.0]])
-    >>> {m: round(float(v), 3) for m, v in logit_ratio({"a": s1, "v": s2, "t": s3}, reference="v").items()}
-    {'a': 2.0, 't': 1.0}
 
     Raises:
         TypeError: ``logits_by_modality`` is not a mapping of tensors.

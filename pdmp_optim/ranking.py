@@ -34,6 +34,10 @@ _REPAIR = "drop or repair that run before ranking"
 class ModalityRanking:
     """The result of :func:`rank_modalities`: plain, comparable, serialisable data.
 
+    >>> r = rank_modalities({"a": 0.6, "v": 0.7}, early={"a": 0.5, "v": 0.3})
+    >>> ModalityRanking.from_dict(r.to_dict()) == r
+    True
+
     Scores are means over runs (one run: the scores themselves); ``*_std`` are sample standard deviations
     over runs (0.0 for a single run).
 
@@ -50,10 +54,6 @@ class ModalityRanking:
         notes: why the ranking may not be trustworthy (ties, near ties, disagreeing runs); empty when it is
             clear. When it is not empty, :func:`rank_modalities` warned once with the same text (unless
             called with ``warn=False``).
-
-    >>> r = rank_modalities({"a": 0.6, "v": 0.7}, early={"a": 0.5, "v": 0.3})
-    >>> ModalityRanking.from_dict(r.to_dict()) == r
-    True
     """
 
     order: tuple[str, ...]
@@ -113,11 +113,11 @@ class ModalityRanking:
     def gammas(self, gamma_p: float = 15.0) -> dict[str, float]:
         """Coefficient per modality by the paper's rule (see :func:`pdmp_optim.pdmp_gammas`).
 
-        ``m_p`` gets ``gamma_p``; another modality gets ``1 / gamma_p`` if it is ``m_o`` or its early score
-        beats ``m_p``'s, else ``gamma_p``. Without early scores, every other modality gets ``1 / gamma_p``.
-
         >>> rank_modalities({"a": [0.6, 0.7], "v": [0.4, 0.8]}).gammas(10)
         {'v': 10.0, 'a': 0.1}
+
+        ``m_p`` gets ``gamma_p``; another modality gets ``1 / gamma_p`` if it is ``m_o`` or its early score
+        beats ``m_p``'s, else ``gamma_p``. Without early scores, every other modality gets ``1 / gamma_p``.
         """
         return pdmp_gammas(
             self.order,
@@ -129,7 +129,11 @@ class ModalityRanking:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; :meth:`from_dict` reverses it."""
+        """A JSON-serialisable dict; :meth:`from_dict` reverses it.
+
+        >>> rank_modalities({"a": 0.6, "v": 0.7}).to_dict()["order"]
+        ['v', 'a']
+        """
         return {
             "order": list(self.order),
             "final_scores": dict(self.final_scores),
@@ -205,6 +209,15 @@ def rank_modalities(
 ) -> ModalityRanking:
     """Rank modalities by their unimodal models' scores (PDMP's modality analysis).
 
+    >>> r = rank_modalities({"audio": 0.62, "visual": 0.71}, early={"audio": 0.55, "visual": 0.35})
+    >>> r.order, r.optimization_dominant
+    (('visual', 'audio'), 'audio')
+    >>> rank_modalities({"a": [1.2, 0.9], "v": [2.0, 0.7]}, higher_is_better=False).performance_dominant
+    'v'
+    >>> r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.61]], "v": [[0.3, 0.8], [0.2, 0.79]]})
+    >>> r.agreement, r.run_winners, r.final_std["v"] < 0.01
+    (1.0, ('v', 'v'), True)
+
     Args:
         scores: modality -> one of
             * a per-epoch history ``[s_0, ..., s_T]`` (early score ``s[early_epoch]``, final score ``s[-1]``),
@@ -215,7 +228,8 @@ def rank_modalities(
             one-element tensors.
         early: modality -> early score, only with single final scores.
         higher_is_better: ``True`` for accuracy/F1, ``False`` for losses.
-        early_epoch: which epoch of a history counts as "early" (default: the first).
+        early_epoch: which epoch of a history counts as "early", ``0 <= early_epoch < epochs`` (default: the
+            first).
         warn: emit one ``UserWarning`` when :attr:`ModalityRanking.notes` is not empty.
 
     Ties are broken by the order of ``scores`` (the first listed wins) and reported in ``notes``. With
@@ -224,18 +238,9 @@ def rank_modalities(
     optimization-dominant modality. Any note means one ``UserWarning`` naming the modalities.
 
     Raises:
-        ValueError: fewer than two modalities, empty or ragged input, NaN/inf scores, or ``early`` given
-            together with histories.
-        TypeError: a score that is not a number.
-
-    >>> r = rank_modalities({"audio": 0.62, "visual": 0.71}, early={"audio": 0.55, "visual": 0.35})
-    >>> r.order
-    ('visual', 'audio')
-    >>> rank_modalities({"a": [1.2, 0.9], "v": [2.0, 0.7]}, higher_is_better=False).performance_dominant
-    'v'
-    >>> r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.61]], "v": [[0.3, 0.8], [0.2, 0.79]]})
-    >>> r.agreement, r.run_winners, r.final_std["v"] < 0.01
-    (1.0, ('v', 'v'), True)
+        ValueError: fewer than two modalities, empty or ragged input, NaN/inf scores, an ``early_epoch``
+            outside the histories, or ``early`` given together with histories.
+        TypeError: a score that is not a number, a modality name that is not a non-empty string.
     """
     runs = _histories(scores)
     ranking = _rank(runs, _early_runs(runs, early, early_epoch), bool(higher_is_better))
