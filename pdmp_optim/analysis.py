@@ -172,6 +172,7 @@ def unimodal_histories(
             raise TypeError(f"{what} must be callable or None, got {type(value).__name__}")
     target_device = None if device is None else torch.device(device)
     make_optimizer = optimizer if optimizer is not None else _paper_sgd
+    score = metric if metric is not None else accuracy
     split = _Splitter(names, num_classes, batch_fn)
     cuda_devices = _cuda_devices(encoders, target_device)
     runs: list[dict[str, list[float]]] = []
@@ -189,7 +190,7 @@ def unimodal_histories(
                     n: _Probe(n, encoders[n], example[n], num_classes, target_device, make_optimizer) for n in names
                 }
                 label = f"run {run + 1}/{seeds}"
-                runs.append(_train_run(probes, train_batches, eval_batches, chosen, split, metric, epochs, bar, label))
+                runs.append(_train_run(probes, train_batches, eval_batches, chosen, split, score, epochs, bar, label))
         finally:
             bar.close()
     return {name: [run[name] for run in runs] for name in names}
@@ -243,7 +244,7 @@ def _train_run(
     eval_batches: Iterable[Any],
     chosen: list[int] | None,
     split: _Splitter,
-    metric: Metric | None,
+    metric: Metric,
     epochs: int,
     bar: _Progress,
     run: str,
@@ -255,7 +256,7 @@ def _train_run(
         _train_epoch(probes, train_batches, chosen, split, bar)
         for probe in probes.values():
             probe.check_finite(run, epoch)
-        for name, score in _evaluate(probes, eval_batches, split, metric or accuracy).items():
+        for name, score in _evaluate(probes, eval_batches, split, metric).items():
             history[name].append(score)
     return history
 

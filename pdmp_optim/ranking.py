@@ -92,23 +92,8 @@ class ModalityRanking:
         """
         return not self.notes
 
-    def __hash__(self) -> int:
-        def items(d: Mapping[str, float] | None) -> tuple[tuple[str, float], ...] | None:
-            return None if d is None else tuple(sorted(d.items()))
-
-        return hash(
-            (
-                self.order,
-                items(self.final_scores),
-                items(self.early_scores),
-                items(self.final_std),
-                items(self.early_std),
-                self.higher_is_better,
-                self.run_winners,
-                self.agreement,
-                self.notes,
-            )
-        )
+    def __hash__(self) -> int:  # the tuple fields suffice: equal rankings have equal tuples
+        return hash((self.order, self.higher_is_better, self.run_winners, self.agreement, self.notes))
 
     def gammas(self, gamma_p: float = 15.0) -> dict[str, float]:
         """Coefficient per modality by the paper's rule (see :func:`pdmp_optim.pdmp_gammas`).
@@ -331,15 +316,16 @@ def _rank(
     run_winners = _winners(final_runs, higher_is_better)
     agreement = sum(w == order[0] for w in run_winners) / len(run_winners)
     notes = _final_notes(order, final, final_std, run_winners, agreement)
-    early = None if early_runs is None else _mean(early_runs)  # input order: ties for m_o go to the first listed
-    if early_runs is not None and early is not None:
+    early, early_std = None, None
+    if early_runs is not None:
+        early, early_std = _mean(early_runs), _spread(early_runs)  # input order: ties for m_o go to the first
         notes += _early_notes(early_runs, early, higher_is_better)
     return ModalityRanking(
         order=order,
         final_scores={n: final[n] for n in order},
         early_scores=early,
         final_std={n: final_std[n] for n in order},
-        early_std=None if early_runs is None else _spread(early_runs),
+        early_std=early_std,
         higher_is_better=higher_is_better,
         run_winners=run_winners,
         agreement=agreement,
