@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from pdmp_optim import PDMPOptimizer, modality_grad_norms
+from pdmp_optim import PDMPOptimizer
+from pdmp_optim.diagnostics import modality_grad_norms
 
 CLASSES = 4
 

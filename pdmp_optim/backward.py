@@ -34,9 +34,10 @@ differ, by design of the math, when:
 Weight decay done inside the optimizer (``SGD(weight_decay=...)``, ``AdamW``) is added after the gradient is
 final, so it is *not* scaled, in this mode and in ``"grad"`` mode alike.
 
-Do not combine it with ``PDMPOptimizer``'s gradient scaling of the same modality: the gradients would be scaled
-twice. Step the plain inner optimizer instead; passing a ``PDMPOptimizer`` as ``gammas`` takes its
-coefficients and makes its ``step()`` raise while the hooks are installed.
+Built from a ``PDMPOptimizer`` (``scale_encoder_grads(encoders, opt)``), the hooks use its gammas (also after
+``opt.gammas = ...``) and ``opt.step()`` leaves those modalities to them, so each gradient is scaled once and
+schedulers attached to ``opt`` see the steps they expect. Hooks built from a mapping or a ranking while a
+``PDMPOptimizer`` also scales the same parameters would scale them twice: its ``step()`` then raises.
 """
 
 from __future__ import annotations
@@ -50,45 +51,53 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .coefficients import check_gamma
+from . import _hooked
+from ._checks import check_gammas, check_name
 from .optimizer import PDMPOptimizer
+from .ranking import ModalityRanking
 
 __all__ = ["EncoderGradScaling", "scale_encoder_grads"]
 
+Gammas = Mapping[str, float] | PDMPOptimizer | ModalityRanking
+
 
 class EncoderGradScaling:
-    """Hooks installed by :func:`scale_encoder_grads`; call :meth:`remove` (or leave the ``with`` block) to undo.
+    """Hooks that multiply the gradient flowing out of each encoder by its gamma; :meth:`remove` them to undo.
+
+    Build it with :func:`scale_encoder_grads` (same arguments), or directly.
 
     >>> import torch
     >>> enc = torch.nn.Linear(3, 2)
-    >>> hooks = scale_encoder_grads({"audio": enc}, {"audio": 2.0})
+    >>> hooks = EncoderGradScaling({"audio": enc}, {"audio": 2.0})
     >>> enc(torch.ones(1, 3)).sum().backward()
     >>> enc.bias.grad
     tensor([2., 2.])
     >>> hooks.remove()
+
+    Raises:
+        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is none of a mapping, a
+            ``ModalityRanking`` or a ``PDMPOptimizer``.
+        ValueError: empty ``encoders``; modality names that differ between ``encoders`` and ``gammas``; a gamma
+            that is not a finite number > 0; the same module (or one inside another) given twice; an encoder
+            without trainable parameters; a ``PDMPOptimizer`` whose mode is not ``"grad"``.
     """
 
-    def __init__(
-        self,
-        encoders: Mapping[str, nn.Module],
-        gammas: Mapping[str, float],
-        optimizer: PDMPOptimizer | None = None,
-    ) -> None:
-        self._gammas = dict(gammas)
-        self._handles: list[RemovableHandle] = []
+    def __init__(self, encoders: Mapping[str, nn.Module], gammas: Gammas) -> None:
+        self.owner, fixed = _gammas_source(gammas)
+        _check_encoders(encoders, fixed)
+        self._fixed = fixed
         self._warned_upstream = False
-        for modality, encoder in encoders.items():
-            gamma = self._gammas[modality]
-            if gamma == 1.0:
-                continue  # nothing to scale, like PDMPOptimizer's buckets
-            self._handles.append(encoder.register_forward_hook(self._forward_hook(modality, gamma)))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(_refuse_double_scaling))
+        self._handles: list[RemovableHandle] = []
+        hooked = [m for m in encoders if self._gamma(m) != 1.0 or self.owner is not None]
+        self.scaled_params: set[Tensor] = {p for m in hooked for p in encoders[m].parameters()}
+        self._handles = [encoders[m].register_forward_hook(self._forward_hook(m)) for m in hooked]
+        if self._handles:
+            _hooked.add(self)
 
     @property
     def gammas(self) -> dict[str, float]:
-        """The coefficient of each hooked modality (a copy)."""
-        return dict(self._gammas)
+        """The coefficient of each modality (a copy; read from the ``PDMPOptimizer`` when built from one)."""
+        return {m: self._gamma(m) for m in self._fixed}
 
     @property
     def active(self) -> bool:
@@ -100,6 +109,8 @@ class EncoderGradScaling:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.scaled_params = set()
+        _hooked.discard(self)
 
     def __enter__(self) -> EncoderGradScaling:
         return self
@@ -110,17 +121,18 @@ class EncoderGradScaling:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return f"EncoderGradScaling({state}, gammas={self._gammas})"
+        return f"EncoderGradScaling({'active' if self.active else 'removed'}, gammas={self.gammas})"
 
-    def _forward_hook(self, modality: str, gamma: float) -> Any:
-        def scale(grad: Tensor) -> Tensor:
-            return grad * gamma
+    def _gamma(self, modality: str) -> float:
+        return self._fixed[modality] if self.owner is None else self.owner.gammas[modality]
 
+    def _forward_hook(self, modality: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
-            _register_on_tensors(output, scale, modality)
+            gamma = self._gamma(modality)
+            if gamma != 1.0:
+                _register_on_tensors(output, lambda grad: grad * gamma, modality)
             if not self._warned_upstream and _any_tensor_requires_grad(inputs):
                 self._warned_upstream = True
                 warnings.warn(
@@ -134,35 +146,25 @@ class EncoderGradScaling:
         return hook
 
 
-def scale_encoder_grads(
-    encoders: Mapping[str, nn.Module],
-    gammas: Mapping[str, float] | PDMPOptimizer,
-) -> EncoderGradScaling:
+def scale_encoder_grads(encoders: Mapping[str, nn.Module], gammas: Gammas) -> EncoderGradScaling:
     """Multiply the gradient flowing out of each modality's encoder by its gamma, during backward.
 
     A forward hook on ``encoders[m]`` registers, on every tensor the encoder returns (a tensor, or a
     tuple/list/dict of them, nested), a gradient hook that multiplies it by ``gammas[m]``. The parameter
     gradients that reach the optimizer are then the ones ``PDMPOptimizer(mode="grad")`` would produce (see the
     module docstring for exactly when), at the cost of one multiply of a batch x features tensor per encoder
-    instead of one pass over all its parameters. Step a plain (non-PDMP) optimizer afterwards.
+    instead of one pass over all its parameters.
 
     Args:
         encoders: modality name -> the module whose output is that modality's representation (the last
             module before fusion).
-        gammas: modality -> coefficient (finite, > 0), e.g. ``ranking.gammas(gamma_p=15)`` or
-            :func:`~pdmp_optim.pdmp_gammas`; every encoder needs one and every entry needs an encoder. A
-            ``PDMPOptimizer`` in ``"grad"`` mode is accepted too: its gammas are used and its ``step()`` raises
-            while the hooks are installed (step ``opt.optimizer``, the inner optimizer, instead).
+        gammas: modality -> coefficient (finite, > 0), e.g. ``ranking.gammas(gamma_p=15)``; a
+            :class:`~pdmp_optim.ModalityRanking` (its ``gammas()``); or a ``PDMPOptimizer`` in ``"grad"`` mode,
+            whose gammas are used and whose ``step()`` then leaves these modalities to the hooks. Every encoder
+            needs a coefficient and every coefficient an encoder.
 
     Returns:
         An :class:`EncoderGradScaling`; ``remove()`` it, or use it as a context manager.
-
-    Raises:
-        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is neither a mapping nor a
-            ``PDMPOptimizer``.
-        ValueError: empty ``encoders``; modality names that do not match between ``encoders`` and ``gammas``;
-            a gamma that is not a finite number > 0; the same module (or one inside another) given twice; an
-            encoder without trainable parameters; a ``PDMPOptimizer`` in ``"lr"`` mode.
 
     >>> import torch
     >>> enc = {"audio": torch.nn.Linear(3, 2), "visual": torch.nn.Linear(3, 2)}
@@ -171,6 +173,31 @@ def scale_encoder_grads(
     >>> enc["audio"].bias.grad, enc["visual"].bias.grad, hooks.active
     (tensor([0.5000, 0.5000]), tensor([4., 4.]), False)
     """
+    return EncoderGradScaling(encoders, gammas)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _gammas_source(gammas: Any) -> tuple[PDMPOptimizer | None, dict[str, float]]:
+    """(the optimizer the gammas are read from, or None; the gammas as they are now)."""
+    if isinstance(gammas, PDMPOptimizer):
+        if gammas.mode != "grad":
+            raise ValueError(
+                f"the PDMPOptimizer is in {gammas.mode!r} mode: its optimizer normalises the gradient scale away (or "
+                "PDMP scales its update), so scaling encoder gradients would not do what its gammas mean; keep "
+                "using that PDMPOptimizer on its own"
+            )
+        return gammas, dict(gammas.gammas)
+    if isinstance(gammas, ModalityRanking):
+        return None, gammas.gammas()
+    if isinstance(gammas, torch.optim.Optimizer) or not isinstance(gammas, Mapping):
+        raise TypeError(
+            f"gammas must map modality -> coefficient, or be a ModalityRanking or a PDMPOptimizer, got "
+            f"{type(gammas).__name__}; e.g. ranking.gammas(gamma_p=15)"
+        )
+    return None, check_gammas(gammas)
+
+
+def _check_encoders(encoders: Any, gammas: Mapping[str, float]) -> None:
     if not isinstance(encoders, Mapping):
         raise TypeError(
             f"encoders must map a modality name to its encoder nn.Module, got {type(encoders).__name__}; "
@@ -178,51 +205,27 @@ def scale_encoder_grads(
         )
     if not encoders:
         raise ValueError("encoders is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
-    optimizer: PDMPOptimizer | None = None
-    if isinstance(gammas, PDMPOptimizer):
-        if gammas.mode != "grad":
-            raise ValueError(
-                f"the PDMPOptimizer is in {gammas.mode!r} mode: it scales learning rates because its optimizer "
-                "normalises gradient scale away, so scaling encoder gradients would change almost nothing; keep "
-                "using that PDMPOptimizer on its own"
-            )
-        optimizer, gammas = gammas, gammas.gammas
-    elif isinstance(gammas, torch.optim.Optimizer):
-        raise TypeError(
-            f"gammas must be a mapping of modality -> coefficient or a PDMPOptimizer, got {type(gammas).__name__}"
-        )
-    if not isinstance(gammas, Mapping):
-        raise TypeError(
-            f"gammas must map modality -> coefficient, got {type(gammas).__name__}; "
-            "e.g. ranking.gammas(gamma_p=15) or pdmp_gammas(...)"
-        )
     for modality, encoder in encoders.items():
-        if not isinstance(modality, str) or not modality:
-            raise TypeError(f"modality names must be non-empty strings, got {modality!r}")
+        check_name(modality)
         if not isinstance(encoder, nn.Module):
             raise TypeError(
                 f"encoders[{modality!r}] must be an nn.Module (hooks attach to modules), got "
                 f"{type(encoder).__name__}; for a list of parameters use PDMPOptimizer's 'grad' mode"
             )
-    missing = [m for m in encoders if m not in gammas]
-    extra = [m for m in gammas if m not in encoders]
-    if missing or extra:
-        raise ValueError(
-            f"encoders and gammas must name the same modalities: no gamma for {missing}, no encoder for {extra}; "
-            "give every encoder a coefficient and every coefficient an encoder"
-        )
-    checked = {m: check_gamma(gammas[m], f"gammas[{m!r}]") for m in encoders}
-    _check_disjoint(encoders)
-    for modality, encoder in encoders.items():
         if not any(p.requires_grad for p in encoder.parameters()):
             raise ValueError(
                 f"encoders[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "
                 "module that holds the modality's trainable encoder"
             )
-    return EncoderGradScaling(encoders, checked, optimizer)
+    missing, extra = [m for m in encoders if m not in gammas], [m for m in gammas if m not in encoders]
+    if missing or extra:
+        raise ValueError(
+            f"encoders and gammas must name the same modalities: no gamma for {missing}, no encoder for {extra}; "
+            "give every encoder a coefficient and every coefficient an encoder"
+        )
+    _check_disjoint(encoders)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
 def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
     """Reject a module given twice, or one encoder inside another: both would scale the same gradients twice."""
     owner: dict[int, str] = {}
@@ -276,11 +279,3 @@ def _any_tensor_requires_grad(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return any(_any_tensor_requires_grad(v) for v in value)
     return False
-
-
-def _refuse_double_scaling(optimizer: Any, args: Any, kwargs: Any) -> None:
-    raise RuntimeError(
-        "this PDMPOptimizer's coefficients are applied by scale_encoder_grads hooks; stepping it would scale "
-        "the gradients a second time. Step the inner optimizer (opt.optimizer.step()) while the hooks are "
-        "installed, or remove() them and step the PDMPOptimizer"
-    )

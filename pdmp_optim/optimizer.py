@@ -5,7 +5,7 @@
 >>> model = nn.ModuleDict({"audio": nn.Linear(4, 8), "visual": nn.Linear(6, 8), "head": nn.Linear(16, 3)})
 >>> sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
 >>> opt = PDMPOptimizer(sgd, {"audio": model["audio"], "visual": model["visual"]}, dominant="visual")
->>> opt.gammas
+>>> dict(opt.gammas)
 {'audio': 0.06666666666666667, 'visual': 15.0}
 >>> x_a, x_v = torch.randn(2, 4), torch.randn(2, 6)
 >>> logits = model["head"](torch.cat([model["audio"](x_a), model["visual"](x_v)], dim=1))
@@ -14,24 +14,69 @@
 
 from __future__ import annotations
 
-import warnings
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, overload
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
-from .coefficients import check_gamma, pdmp_gammas
-from .modes import Mode, is_scale_invariant, resolve_mode
+from . import _hooked
+from ._apply import multiply_grads_, multiply_updates_, snapshot
+from ._checks import check_gamma, check_gammas
+from ._groups import GroupSpec, modality_of, split_param_groups
+from .coefficients import pdmp_gammas
+from .modes import Mode, resolve_mode
 from .ranking import ModalityRanking
 
 __all__ = ["PDMPOptimizer"]
 
-GroupSpec = nn.Module | Iterable[Tensor]
 _STATE_KEY = "pdmp"
-_FORMAT = 1
+_FORMAT = 2
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class _Plan:
+    """What one step scales, derived from the param groups; rebuilt whenever those are replaced or changed.
+
+    A plain class: dynamo traces attribute reads of it like those of the optimizer (a NamedTuple here cost
+    ``torch.compile`` an extra graph break in front of the inner step).
+    """
+
+    def __init__(
+        self,
+        source: tuple[tuple[dict[str, Any], list[Tensor], int], ...],
+        hooks_generation: int,
+        by_gamma: list[tuple[float, list[Tensor]]],
+        lr_groups: list[tuple[dict[str, Any], float]],
+        conflict: str | None,
+    ) -> None:
+        self.source = source  # the groups, their params lists and lengths it was built from
+        self.hooks_generation = hooks_generation
+        self.by_gamma = by_gamma  # "grad" and "update": each parameter once
+        self.lr_groups = lr_groups  # "lr": groups holding a single scaled modality
+        self.conflict = conflict  # why stepping would scale some gradient twice (backward hooks), if it would
+
+    def fits(self, groups: list[dict[str, Any]]) -> bool:
+        """Whether it was built from these very groups, params lists and hook sets (plain loops: cheap to trace)."""
+        if self.hooks_generation != _hooked.generation() or len(groups) != len(self.source):
+            return False
+        for group, (built_from, params, length) in zip(groups, self.source, strict=True):
+            if group is not built_from or group["params"] is not params or len(params) != length:
+                return False
+        return True
 
 
 class PDMPOptimizer(Optimizer):
@@ -43,43 +88,42 @@ class PDMPOptimizer(Optimizer):
     >>> sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     >>> opt = PDMPOptimizer(sgd, {"audio": model["audio"], "visual": model["visual"]},
     ...                     dominant="visual", optimization_dominant="audio")
-    >>> opt.gammas, opt.mode
-    ({'audio': 0.06666666666666667, 'visual': 15.0}, 'grad')
+    >>> opt.mode
+    'grad'
     >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # it is a torch.optim.Optimizer
+    >>> opt.gammas = {"audio": 1.0, "visual": 1.0}  # e.g. pause the modulation for a few epochs
 
-    Before every ``step()`` the gradients of the parameters in ``groups[m]`` are multiplied by ``gamma[m]``
-    (``mode="grad"``), or, for optimizers that ignore the gradient's scale such as Adam, the learning rate of
-    those parameters is multiplied by ``gamma[m]`` for the duration of the step and restored exactly
-    afterwards (``mode="lr"``). Parameters in no group (fusion, head) are never touched.
+    How the coefficient is applied (``mode``, see :mod:`pdmp_optim.modes`): ``"grad"`` multiplies the modality's
+    gradients before the step (SGD and kin), ``"lr"`` its learning rate for the duration of the step (Adam and
+    kin; restored exactly, so schedulers see their own values), ``"update"`` the step itself (any optimizer, at
+    the cost of a copy). ``"auto"`` picks the exact one; ``print(opt)`` says which and why. Parameters in no
+    group (fusion, head) are never touched.
 
-    The wrapper *is* a ``torch.optim.Optimizer``: ``param_groups`` and ``state`` are the inner optimizer's
-    own objects, so LR schedulers, ``GradScaler``, checkpoints and frameworks work unchanged.
+    The wrapper *is* a ``torch.optim.Optimizer``: ``param_groups`` and ``state`` are the inner optimizer's own
+    objects, so LR schedulers, ``GradScaler``, checkpoints, copies and frameworks work unchanged, and step hooks
+    (local and global) run once per step, with the wrapper.
 
     Args:
         optimizer: the optimizer you built over all model parameters as usual.
-        groups: modality name -> ``nn.Module`` or iterable of parameters. Frozen parameters
-            (``requires_grad=False``) that the optimizer does not own are ignored. If ``None``, each of the
-            optimizer's param groups may carry a ``"modality"`` key instead.
+        groups: modality name -> ``nn.Module`` or iterable of parameters. Frozen parameters the optimizer does not
+            own are ignored. If ``None``, the optimizer's param groups may carry a ``"modality"`` key instead.
         dominant: the performance-dominant modality ``m_p`` (gets ``gamma_p``). May come from ``ranking``.
         gamma_p: prioritisation strength, ``>= 1``; the paper uses 15.
-        optimization_dominant: the modality best early in training, ``m_o`` (gets ``1/gamma_p``); every
-            other modality gets ``gamma_p``. If unknown, every modality but ``m_p`` gets ``1/gamma_p``.
+        optimization_dominant: the modality best early in training, ``m_o`` (gets ``1/gamma_p``); every other
+            modality gets ``gamma_p``. If unknown, every modality but ``m_p`` gets ``1/gamma_p``.
         gammas: explicit ``{modality: coefficient}``; overrides the rule for the modalities it names.
-        ranking: a :class:`~pdmp_optim.ModalityRanking` from :func:`~pdmp_optim.rank_modalities`; supplies
-            ``dominant`` and the early scores.
-        mode: ``"grad"``, ``"lr"`` or ``"auto"`` (``"lr"`` for adaptive/sign-based optimizers, see
-            :func:`~pdmp_optim.resolve_mode`).
+        ranking: a :class:`~pdmp_optim.ModalityRanking`; supplies ``dominant`` and the early scores.
+        mode: ``"auto"``, ``"grad"``, ``"lr"`` or ``"update"``.
 
-    In ``"lr"`` mode a param group holding parameters of several modalities (or modality and shared
-    parameters) is split into one group per modality, in place, keeping its settings, so that each modality
-    has learning rates of its own; create LR schedulers after wrapping. ``"grad"`` mode leaves the param
-    groups as they are.
+    In ``"lr"`` mode a param group holding parameters of several modalities is split into one group per modality
+    (same settings), so create LR schedulers after wrapping.
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or a group is not a module/iterable.
-        ValueError: unknown ``dominant``/``optimization_dominant``/``mode``, a parameter in two groups, a
-            group parameter the optimizer does not own, an empty group, a gamma that is not a finite
-            number > 0, ``gammas`` naming an unknown modality, or modalities left without a coefficient.
+        ValueError: unknown ``dominant``/``optimization_dominant``/``mode``, a parameter in two groups, a group
+            parameter the optimizer does not own, an empty group, a gamma that is not a finite number > 0,
+            ``gammas`` naming an unknown modality, modalities left without a coefficient, or a mode that cannot
+            scale this optimizer's update.
     """
 
     def __init__(
@@ -102,35 +146,22 @@ class PDMPOptimizer(Optimizer):
                 "build it first, e.g. PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), groups, ...)"
             )
         self._optimizer = optimizer
-        # Optimizer.__init__ would rebuild param_groups, so create its hook registries here (timm's Lookahead
-        # once skipped them, and later torch versions trip over their absence)
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        # Optimizer.__init__ would rebuild param_groups, so create its hook registries here (timm's Lookahead once
+        # skipped them, and later torch versions trip over their absence)
+        self._init_hook_dicts()
         self._patch_step_function()
-
         self._mode, self._mode_reason = resolve_mode(optimizer, mode)
-        if self._mode == "grad" and is_scale_invariant(optimizer):
-            warnings.warn(
-                f"mode='grad' with {type(optimizer).__name__}: it normalises the gradient scale away, so multiplying "
-                "gradients changes its updates very little; use mode='auto' (or 'lr') to scale the updates",
-                UserWarning,
-                stacklevel=2,
-            )
-        membership = _membership(optimizer, groups)
-        modalities = list(dict.fromkeys(membership.values()))
-        self._gammas = _resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
+        membership = modality_of(optimizer, groups)
+        self._gammas = _resolve_gammas(
+            list(dict.fromkeys(membership.values())), dominant, gamma_p, optimization_dominant, gammas, ranking
+        )
         _check_mode_fits(optimizer, self._mode)
         if self._mode == "lr":
-            _split_param_groups(optimizer, membership)
+            split_param_groups(optimizer, membership)
         self._modality_of = membership
-        self._buckets: list[tuple[float | Tensor, list[Tensor]]] = []
-        self._lr_groups: list[tuple[dict[str, Any], float]] = []
-        self._scaled_marker: tuple[Tensor, Tensor] | None = None
-        self._build()
+        self._plan: _Plan | None = None
+        self._mark: _ScaleMark | None = None
+        self._plan_for_step()
 
     # ----------------------------------------------------------------------------------------- the protocol
     @property
@@ -166,13 +197,33 @@ class PDMPOptimizer(Optimizer):
         self._optimizer.defaults = value
 
     @property
-    def gammas(self) -> dict[str, float]:
-        """The coefficient of each modality (a copy)."""
-        return dict(self._gammas)
+    def gammas(self) -> Mapping[str, float]:
+        """The coefficient of each modality (read-only); assign a new mapping to change them during training.
+
+        >>> import torch
+        >>> enc = torch.nn.Linear(2, 2)
+        >>> opt = PDMPOptimizer(torch.optim.SGD(enc.parameters(), lr=0.1), {"audio": enc}, gammas={"audio": 2.0})
+        >>> opt.gammas = {"audio": 1.0}  # saved in state_dict(), restored by load_state_dict()
+        >>> opt.gammas["audio"]
+        1.0
+        """
+        return MappingProxyType(self._gammas)
+
+    @gammas.setter
+    def gammas(self, value: Mapping[str, float]) -> None:
+        new = check_gammas(value, self._gammas)
+        missing = [m for m in self._gammas if m not in new]
+        if missing:
+            raise ValueError(
+                f"gammas has no coefficient for {missing}; give one for every modality {list(self._gammas)}"
+            )
+        self._refuse_while_marked("change gammas")
+        self._gammas = new
+        self._plan = None
 
     @property
     def mode(self) -> str:
-        """``"grad"`` or ``"lr"``: how the coefficients are applied."""
+        """``"grad"``, ``"lr"`` or ``"update"``: how the coefficients are applied."""
         return self._mode
 
     def params_by_modality(self) -> dict[str | None, list[Tensor]]:
@@ -185,21 +236,33 @@ class PDMPOptimizer(Optimizer):
         >>> {m: len(ps) for m, ps in opt.params_by_modality().items()}
         {'audio': 2, None: 2}
         """
+        self._current_plan()  # adopts the "modality" tags of groups added since
         out: dict[str | None, list[Tensor]] = {m: [] for m in self._gammas}
-        for group in self.param_groups:
-            for p in group["params"]:
-                out.setdefault(self._modality_of.get(p), []).append(p)
+        for p in dict.fromkeys(p for group in self.param_groups for p in group["params"]):
+            out.setdefault(self._modality_of.get(p), []).append(p)
         return out
 
     @torch.no_grad()
     def scale_grads_(self) -> None:
-        """Multiply each modality's gradients by its gamma now, e.g. before gradient clipping.
+        """Multiply each modality's gradients by its gamma now, e.g. before gradient clipping (``mode="grad"``).
 
-        The next ``step()`` does not multiply them again. Calling it twice is harmless. In ``"lr"`` mode the
-        coefficient lives in the learning rate, so this does nothing.
+        The next ``step()`` does not multiply them again, and calling it twice is harmless. The mark is forgotten at
+        ``step()``, at ``zero_grad()``, and when a backward reaches gradients zeroed since (as after a step that
+        ``GradScaler`` skipped); a backward that *adds* to the scaled gradients raises, since it would leave them
+        half scaled. In the other modes the coefficient is not in the gradients, so this raises.
         """
-        if self._mode == "grad" and not self._grads_already_scaled():
-            self._scaled_marker = self._apply_grad_scaling()
+        if self._mode != "grad":
+            raise RuntimeError(
+                f"scale_grads_() is for mode='grad'; in mode={self._mode!r} the coefficient is applied to the "
+                f"{'learning rate' if self._mode == 'lr' else 'update'}, so the gradients stay as backward left them "
+                "(clip them as usual), or build PDMPOptimizer with mode='grad'"
+            )
+        if self._marked():
+            return
+        self._forget_mark()
+        plan = self._plan_for_step()
+        multiply_grads_(plan.by_gamma)
+        self._mark = _ScaleMark(self, [p for _, params in plan.by_gamma for p in params if p.grad is not None])
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -207,33 +270,42 @@ class PDMPOptimizer(Optimizer):
     def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Scale (unless :meth:`scale_grads_` already did), then take the inner optimizer's step.
+        """Apply the coefficients (unless :meth:`scale_grads_` already did), then take the inner optimizer's step.
 
-        With a ``closure``, the gradients it computes are scaled every time the inner optimizer evaluates
-        it (once for SGD/Adam, repeatedly for LBFGS), unless the closure itself called :meth:`scale_grads_`
-        (as a Lightning ``on_before_optimizer_step`` hook that scales before clipping does).
+        With a ``closure``, in ``"grad"`` mode the gradients it computes are scaled every time the inner optimizer
+        evaluates it (once for SGD, repeatedly for LBFGS), unless the closure itself called :meth:`scale_grads_`.
         """
-        inner_closure = closure
-        if self._mode == "grad":
-            if closure is None:
-                if not self._grads_already_scaled():
-                    self._apply_grad_scaling()
-            else:
-                inner_closure = self._scaling_closure(closure)
-        saved_lrs = self._multiply_lrs() if self._mode == "lr" else None
+        plan = self._plan_for_step()
+        if self._mode == "lr":
+            return self._lr_step(plan, closure)
+        if self._mode == "update":
+            before = snapshot(plan.by_gamma)
+            loss = self._inner_step(closure)
+            multiply_updates_(plan.by_gamma, before)
+            return loss
+        if closure is not None:
+            closure = self._scaling_closure(closure, plan)
+        elif not self._marked():
+            multiply_grads_(plan.by_gamma)
         try:
-            if inner_closure is None:
-                return self._optimizer.step()
-            return self._optimizer.step(inner_closure)
+            return self._inner_step(closure)
         finally:
-            if saved_lrs is not None:
-                for (group, _), lr in zip(self._lr_groups, saved_lrs, strict=True):
-                    group["lr"] = lr
-            self._scaled_marker = None
+            self._forget_mark()
+
+    def _lr_step(self, plan: _Plan, closure: Callable[[], Any] | None) -> Any:
+        saved = []
+        for group, gamma in plan.lr_groups:  # a loop, not a comprehension: that would cost torch.compile a graph
+            saved.append(group["lr"])  # the original object, put back exactly; a tensor lr is never mutated
+            group["lr"] = group["lr"] * gamma
+        try:
+            return self._inner_step(closure)
+        finally:
+            for (group, _), lr in zip(plan.lr_groups, saved, strict=True):
+                group["lr"] = lr
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``; also forgets an earlier :meth:`scale_grads_`."""
-        self._scaled_marker = None
+        self._forget_mark()
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -248,17 +320,9 @@ class PDMPOptimizer(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        modality = param_group.get("modality")
-        if modality is not None and modality not in self._gammas:
-            raise ValueError(
-                f"param group modality {modality!r} is unknown; use one of {list(self._gammas)} "
-                "or None for parameters PDMP must leave untouched"
-            )
+        self._check_tag(param_group.get("modality"))
         self._optimizer.add_param_group(param_group)
-        if modality is not None:
-            for p in self.param_groups[-1]["params"]:
-                self._modality_of[p] = modality
-        self._build()
+        self._plan = None
 
     # --------------------------------------------------------------------------------------- checkpoints
     @torch._disable_dynamo
@@ -280,10 +344,10 @@ class PDMPOptimizer(Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the PDMP configuration must match this optimizer's.
+        """Restore a :meth:`state_dict`, including the gammas it was saved with.
 
-        A plain inner-optimizer state dict (from a run without PDMP) is accepted too when its param groups
-        line up with this optimizer's.
+        The modality of every parameter must match this optimizer's; a plain inner-optimizer state dict (from a
+        run without PDMP) is accepted too and keeps the current gammas. On a mismatch nothing changes.
         """
         loaded: dict[str, Any] = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -291,206 +355,228 @@ class PDMPOptimizer(Optimizer):
             if result is not None:
                 loaded = result
         config = loaded.pop(_STATE_KEY, None)
-        if config is not None:
-            mine, theirs = self._config(), {**config, "modalities": dict(config.get("modalities", {}))}
-            for key, what in (("mode", "mode"), ("gammas", "gammas"), ("modalities", "parameters per modality")):
-                if mine[key] != theirs.get(key):
-                    raise ValueError(
-                        f"checkpoint was saved with PDMP {what} {theirs.get(key)}, this optimizer has {mine[key]}; "
-                        "build PDMPOptimizer with the checkpoint's groups, mode and gammas, or, to change them on "
-                        "purpose, load only the inner state with opt.optimizer.load_state_dict(...)"
-                    )
+        gammas = self._gammas if config is None else self._check_config(config)
         saved_groups = loaded.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}; "
                 "was it saved from an optimizer with the same param groups (and the same PDMP mode)?"
             )
+        self._refuse_while_marked("load a state dict")
         self._optimizer.load_state_dict(loaded)
-        self._scaled_marker = None
-        self._build()
+        self._gammas = gammas
+        self._plan = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # like torch's Optimizer: no hooks, and not the per-instance step wrapper an LR scheduler installs (it holds a
+        # weak reference to *this* object, so a copy would step the original)
+        self._refuse_while_marked("copy or pickle the optimizer")
+        drop = {"step", "_plan", "_mark", *_HOOK_DICTS}
+        return {key: value for key, value in self.__dict__.items() if key not in drop}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._plan = None
+        self._mark = None
+        self._init_hook_dicts()
         self._patch_step_function()
-
-    def _config(self) -> dict[str, Any]:
-        """The PDMP configuration as plain data, parameters named by their state-dict ids."""
-        modalities: dict[str, list[int]] = {m: [] for m in self._gammas}
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                modality = self._modality_of.get(p)
-                if modality is not None:
-                    modalities[modality].append(index)
-                index += 1
-        return {"format": _FORMAT, "mode": self._mode, "gammas": dict(self._gammas), "modalities": modalities}
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
         for modality, params in self.params_by_modality().items():
             label = "unscaled (shared)" if modality is None else f"{modality}: gamma={self._gammas[modality]:.6g}"
-            numel = sum(p.numel() for p in params)
-            lines.append(f"  {label}, {len(params)} tensors, {numel:,} parameters")
+            lines.append(f"  {label}, {len(params)} tensors, {sum(p.numel() for p in params):,} parameters")
         inner = "\n".join("  " + line for line in repr(self._optimizer).splitlines())
         return "\n".join(lines) + "\n" + inner + "\n)"
 
     # ------------------------------------------------------------------------------------------ internals
-    def _build(self) -> None:
-        """Precompute the (gamma, device, dtype) buckets and the groups whose lr is scaled."""
-        buckets: dict[tuple[float, torch.device, torch.dtype, bool], list[Tensor]] = {}
-        self._lr_groups = []
+    def _init_hook_dicts(self) -> None:
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+
+    def _config(self) -> dict[str, Any]:
+        """The PDMP configuration as plain data, parameters named by their state-dict ids."""
+        modalities: dict[str, list[int]] = {m: [] for m in self._gammas}
+        ids: dict[int, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
+                index = ids.setdefault(id(p), len(ids))  # as Optimizer.state_dict numbers them
                 modality = self._modality_of.get(p)
-                if modality is not None and self._gammas[modality] != 1.0:
-                    buckets.setdefault((self._gammas[modality], p.device, p.dtype, _is_distributed(p)), []).append(p)
-            if self._mode == "lr" and group["params"]:
-                # lr mode split every group to a single modality, so its first parameter speaks for it
-                modality = self._modality_of.get(group["params"][0])
-                if modality is not None and self._gammas[modality] != 1.0:
-                    self._lr_groups.append((group, self._gammas[modality]))
-        self._buckets = [
-            (_foreach_scalar(gamma, device, dtype, distributed), params)
-            for (gamma, device, dtype, distributed), params in buckets.items()
-        ]
+                if modality is not None and index not in modalities[modality]:
+                    modalities[modality].append(index)
+        return {"format": _FORMAT, "mode": self._mode, "gammas": dict(self._gammas), "modalities": modalities}
 
-    def _apply_grad_scaling(self) -> tuple[Tensor, Tensor] | None:
-        """One ``_foreach_mul_`` per bucket; returns (param, grad) of a scaled gradient as a marker.
+    def _check_config(self, config: Any) -> dict[str, float]:
+        """The gammas of a saved ``"pdmp"`` entry, after checking that it describes this optimizer's modalities."""
+        if not isinstance(config, Mapping) or config.get("format") not in (1, _FORMAT):
+            found = config.get("format") if isinstance(config, Mapping) else type(config).__name__
+            raise ValueError(
+                f"the checkpoint's 'pdmp' entry has format {found!r}; this pdmp-optim reads formats 1 and {_FORMAT}. "
+                "Save it again with this version, or load only the inner state with opt.optimizer.load_state_dict()"
+            )
+        mine = self._config()["modalities"]
+        theirs = {m: list(ids) for m, ids in dict(config.get("modalities", {})).items()}
+        if mine != theirs:
+            raise ValueError(
+                f"checkpoint was saved with parameters per modality {theirs}, this optimizer has {mine}; build "
+                "PDMPOptimizer with the checkpoint's groups, or load only the inner state with "
+                "opt.optimizer.load_state_dict(...)"
+            )
+        gammas = check_gammas(config.get("gammas", {}), self._gammas, what="the checkpoint's gammas")
+        return {m: gammas.get(m, gamma) for m, gamma in self._gammas.items()}
 
-        The only per-parameter Python work is collecting the current ``.grad`` references (backward may have
-        replaced them since the last step), exactly what torch's own optimizers do in ``step()``.
-        """
-        marker = None
-        with torch.no_grad():
-            for gamma, params in self._buckets:
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, gamma)
-                    if marker is None:
-                        marker = next((p, p.grad) for p in params if p.grad is not None)
-        return marker
+    def _check_tag(self, modality: Any) -> None:
+        if modality is not None and modality not in self._gammas:
+            raise ValueError(
+                f"param group modality {modality!r} is unknown; use one of {list(self._gammas)} "
+                "or None for parameters PDMP must leave untouched"
+            )
 
-    def _grads_already_scaled(self) -> bool:
-        # scale_grads_ ran and the gradient it scaled is still there (not zeroed to None or replaced)
-        marker = self._scaled_marker
-        return marker is not None and marker[0].grad is marker[1]
+    def _plan_for_step(self) -> _Plan:
+        plan = self._current_plan()
+        if plan.conflict is not None:
+            raise RuntimeError(plan.conflict)
+        return plan
 
-    def _scaling_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _current_plan(self) -> _Plan:
+        """The plan for the param groups as they are now (``load_state_dict``, ``param_groups = ...`` and
+        ``add_param_group`` on the inner optimizer all replace or change them)."""
+        plan = self._plan
+        if plan is None or not plan.fits(self.param_groups):
+            self._forget_mark()
+            plan = self._plan = self._build_plan()
+        return plan
+
+    def _build_plan(self) -> _Plan:
+        for group in self.param_groups:  # groups added on the inner optimizer may carry a modality tag
+            self._check_tag(group.get("modality"))
+            if group.get("modality") is not None:
+                self._modality_of.update(dict.fromkeys(group["params"], group["modality"]))
+        hooked, conflict = _hooked.overlap(self, self._modality_of)
+        by_gamma: dict[float, list[Tensor]] = {}
+        lr_groups = []
+        seen: set[Tensor] = set()
+        for index, group in enumerate(self.param_groups):
+            modalities = {self._modality_of.get(p) for p in group["params"]}
+            for p in group["params"]:
+                gamma = self._gamma_of(p)
+                if p not in seen and p not in hooked and gamma != 1.0:
+                    by_gamma.setdefault(gamma, []).append(p)
+                seen.add(p)
+            if self._mode == "lr":
+                lr_groups.extend(self._lr_group(index, group, modalities))
+        return _Plan(
+            source=tuple((g, g["params"], len(g["params"])) for g in self.param_groups),
+            hooks_generation=_hooked.generation(),
+            by_gamma=list(by_gamma.items()),
+            lr_groups=lr_groups,
+            conflict=conflict,
+        )
+
+    def _lr_group(self, index: int, group: dict[str, Any], modalities: set[str | None]) -> list[tuple[Any, float]]:
+        if len(modalities) > 1:
+            raise ValueError(
+                f"param group {index} mixes modalities {sorted(map(str, modalities))}, but mode='lr' needs one "
+                "learning rate per modality (were param_groups reassigned, or a group added, after wrapping?); give "
+                "every param group a single modality, e.g. add_param_group({'params': ..., 'modality': 'audio'})"
+            )
+        modality = next(iter(modalities), None)
+        gamma = 1.0 if modality is None else self._gammas[modality]
+        return [] if gamma == 1.0 else [(group, gamma)]
+
+    def _gamma_of(self, p: Tensor) -> float:
+        modality = self._modality_of.get(p)
+        return 1.0 if modality is None else self._gammas[modality]
+
+    def _inner_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The inner optimizer's step; global step hooks, which already ran with the wrapper, do not run again."""
+        inner = self._optimizer
+        hooked_step = type(inner).step
+        patched = vars(inner).get("step")
+        if (
+            not (_global_pre_hooks or _global_post_hooks)
+            or not getattr(hooked_step, "hooked", False)
+            or (patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False))
+        ):
+            return inner.step() if closure is None else inner.step(closure)
+        # torch's hook wrapper around the inner step, minus the global hooks (only taken while some are registered)
+        inner._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler attached to it checks
+        args: tuple[Any, ...] = (inner,) if closure is None else (inner, closure)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in inner._optimizer_step_pre_hooks.values():
+            result = pre_hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        out = hooked_step.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]
+        inner._optimizer_step_code()
+        for post_hook in inner._optimizer_step_post_hooks.values():
+            post_hook(inner, args, kwargs)
+        return out
+
+    def _scaling_closure(self, closure: Callable[[], Any], plan: _Plan) -> Callable[[], Any]:
         def scaled_closure() -> Any:
-            loss = closure()
-            if not self._grads_already_scaled():  # the closure may call scale_grads_() itself (Lightning hooks)
-                self._apply_grad_scaling()
+            with torch.enable_grad():
+                loss = closure()
+            if not self._marked():  # the closure may call scale_grads_() itself (Lightning hooks)
+                multiply_grads_(plan.by_gamma)
             return loss
 
         return scaled_closure
 
-    def _multiply_lrs(self) -> list[Any]:
-        saved = []
-        for group, gamma in self._lr_groups:
-            lr = group["lr"]
-            saved.append(lr)
-            group["lr"] = lr * gamma
-        return saved
+    def _marked(self) -> bool:
+        return self._mark is not None and self._mark.alive
 
+    def _forget_mark(self) -> None:
+        if self._mark is not None:
+            self._mark.remove()
+            self._mark = None
 
-# ---------------------------------------------------------------------------------------------- helpers
-def _membership(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) -> dict[Tensor, str]:
-    """parameter -> modality, validated against what the optimizer owns."""
-    owned = {p for group in optimizer.param_groups for p in group["params"]}
-    membership: dict[Tensor, str] = {}
-    if groups is None:
-        for group in optimizer.param_groups:
-            modality = group.get("modality")
-            if modality is None:
-                continue
-            _check_name(modality)
-            for p in group["params"]:
-                membership[p] = modality
-        if not membership:
-            raise ValueError(
-                "no modality groups: pass groups={'audio': model.audio_encoder, ...} or tag the optimizer's "
-                "param groups with a 'modality' key"
+    def _refuse_while_marked(self, action: str) -> None:
+        if self._marked():
+            raise RuntimeError(
+                f"cannot {action} between scale_grads_() and step(): the gradients are already scaled; do it before "
+                "scale_grads_() or after step()"
             )
-        return membership
-    if not isinstance(groups, Mapping):
-        raise TypeError(
-            f"groups must map a modality name to an nn.Module or an iterable of parameters, got {type(groups).__name__}"
-        )
-    if not groups:
-        raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
-    for modality, spec in groups.items():
-        _check_name(modality)
-        params: list[Tensor]
-        if isinstance(spec, nn.Module):
-            params = list(spec.parameters())
-        elif isinstance(spec, Tensor):
-            params = [spec]
-        elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):
-            params = list(spec)
-        else:
-            raise TypeError(
-                f"groups[{modality!r}] must be an nn.Module or an iterable of parameters, got {type(spec).__name__}"
-            )
-        kept = 0
-        for p in params:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"groups[{modality!r}] holds a {type(p).__name__}, not a parameter tensor")
-            if p not in owned:
-                if not p.requires_grad:
-                    continue  # frozen and not optimized: nothing to scale
-                raise ValueError(
-                    f"groups[{modality!r}] holds a parameter of shape {tuple(p.shape)} that the optimizer "
-                    "does not own; build the optimizer over all trainable parameters (model.parameters())"
-                )
-            other = membership.get(p)
-            if other is not None and other != modality:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} is in both groups[{other!r}] and "
-                    f"groups[{modality!r}]; give every parameter to at most one modality"
-                )
-            membership[p] = modality
-            kept += 1
-        if kept == 0:
-            raise ValueError(
-                f"groups[{modality!r}] has no parameter that the optimizer trains; "
-                "pass the modality's encoder (its trainable parameters) or drop the entry"
-            )
-    for group in optimizer.param_groups:
-        tag = group.get("modality")
-        if tag is not None and any(membership.get(p) != tag for p in group["params"]):
-            raise ValueError(
-                f"a param group is tagged modality={tag!r} but groups= assigns its parameters differently; "
-                "use either the tags or groups="
-            )
-    return membership
 
 
-def _is_distributed(p: Tensor) -> bool:
-    """Whether ``p`` is a DTensor (FSDP2 / tensor parallel), whose ops take Python scalars only."""
-    return hasattr(p, "device_mesh") or hasattr(p.data, "device_mesh")
+class _ScaleMark:
+    """Remembers that :meth:`PDMPOptimizer.scale_grads_` scaled these gradients, until a backward reaches them.
 
-
-def _foreach_scalar(gamma: float, device: torch.device, dtype: torch.dtype, distributed: bool) -> float | Tensor:
-    """The multiplier to hand ``torch._foreach_mul_`` so that it rounds exactly like ``grad.mul_(gamma)``.
-
-    On CPU, ``_foreach_mul_`` with a Python scalar first rounds the scalar to a float16/bfloat16 list's dtype
-    (1/15 becomes 0.0669 in bfloat16), whereas ``grad.mul_(gamma)`` multiplies in float32. A 0-d float32
-    tensor gives the float32 multiply. Elsewhere a Python scalar is exact and keeps ``step()`` sync-free.
+    A hook on each scaled parameter runs before backward adds to its gradient: if the scaled gradients were zeroed
+    since (or set to None), a new step has begun and the mark is forgotten; if not, the backward would mix scaled and
+    unscaled gradient, and it raises.
     """
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not distributed:
-        return torch.tensor(gamma, dtype=torch.float32)
-    return gamma
 
+    def __init__(self, opt: PDMPOptimizer, params: list[Tensor]) -> None:
+        self.alive = True
+        self._scaled = [(p, p.grad) for p in params]
+        opt_ref = weakref.ref(opt)
 
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"modality names must be non-empty strings, got {name!r}")
+        def before_accumulation(grad: Tensor) -> None:
+            if not self.alive or opt_ref() is None:
+                return
+            self.alive = False
+            if self._still_scaled():
+                raise RuntimeError(
+                    "backward is adding to gradients that scale_grads_() already scaled, which would leave them half "
+                    "scaled; call scale_grads_() once per step, after the last backward (after gradient "
+                    "accumulation), or zero the gradients first"
+                )
+
+        before_accumulation.__torch_unserializable__ = True  # type: ignore[attr-defined]
+        self._handles = [p.register_hook(before_accumulation) for p in params if p.requires_grad]
+
+    def _still_scaled(self) -> bool:
+        """Whether some scaled gradient is still in place and not zeroed (read once, only on this rare path)."""
+        return any(p.grad is grad and bool(grad.any()) for p, grad in self._scaled if grad is not None)
+
+    def remove(self) -> None:
+        self.alive = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def _resolve_gammas(
@@ -503,28 +589,7 @@ def _resolve_gammas(
 ) -> dict[str, float]:
     resolved: dict[str, float] = {}
     if ranking is not None:
-        if not isinstance(ranking, ModalityRanking):
-            raise TypeError(f"ranking must be a ModalityRanking from rank_modalities, got {type(ranking).__name__}")
-        if set(ranking.order) != set(modalities):
-            raise ValueError(
-                f"ranking covers modalities {sorted(ranking.order)} but groups has {sorted(modalities)}; "
-                "rank exactly the modalities you pass in groups"
-            )
-        if dominant is not None and dominant != ranking.performance_dominant:
-            raise ValueError(
-                f"dominant={dominant!r} contradicts ranking.performance_dominant="
-                f"{ranking.performance_dominant!r}; pass one of them, or explicit gammas"
-            )
-        if optimization_dominant is not None:
-            raise ValueError("pass either ranking= or optimization_dominant=, not both")
-        resolved = pdmp_gammas(
-            modalities,
-            ranking.performance_dominant,
-            gamma_p=gamma_p,
-            optimization_dominant=ranking.optimization_dominant,
-            early_scores=ranking.early_scores,
-            higher_is_better=ranking.higher_is_better,
-        )
+        resolved = _gammas_from_ranking(ranking, modalities, dominant, optimization_dominant, gamma_p)
     elif dominant is not None:
         resolved = pdmp_gammas(modalities, dominant, gamma_p=gamma_p, optimization_dominant=optimization_dominant)
     elif optimization_dominant is not None:
@@ -532,52 +597,43 @@ def _resolve_gammas(
     else:
         check_gamma(gamma_p, "gamma_p")
     if gammas is not None:
-        if not isinstance(gammas, Mapping):
-            raise TypeError(f"gammas must map modality -> coefficient, got {type(gammas).__name__}")
-        unknown = [m for m in gammas if m not in modalities]
-        if unknown:
-            raise ValueError(f"gammas names {unknown}, which are not in groups {modalities}; fix the names")
-        for modality, value in gammas.items():
-            resolved[modality] = check_gamma(value, f"gammas[{modality!r}]")
+        resolved.update(check_gammas(gammas, modalities))
     missing = [m for m in modalities if m not in resolved]
     if missing:
         raise ValueError(f"no coefficient for {missing}; pass dominant= (or ranking=), or gammas for every modality")
     return {m: resolved[m] for m in modalities}
 
 
+def _gammas_from_ranking(
+    ranking: ModalityRanking, modalities: list[str], dominant: str | None, optimization_dominant: str | None,
+    gamma_p: float,
+) -> dict[str, float]:  # fmt: skip
+    if not isinstance(ranking, ModalityRanking):
+        raise TypeError(f"ranking must be a ModalityRanking from rank_modalities, got {type(ranking).__name__}")
+    if set(ranking.order) != set(modalities):
+        raise ValueError(
+            f"ranking covers modalities {sorted(ranking.order)} but groups has {sorted(modalities)}; "
+            "rank exactly the modalities you pass in groups"
+        )
+    if dominant is not None and dominant != ranking.performance_dominant:
+        raise ValueError(
+            f"dominant={dominant!r} contradicts ranking.performance_dominant={ranking.performance_dominant!r}; "
+            "pass one of them, or explicit gammas"
+        )
+    if optimization_dominant is not None:
+        raise ValueError("pass either ranking= or optimization_dominant=, not both")
+    gammas = ranking.gammas(gamma_p=gamma_p)
+    return {m: gammas[m] for m in modalities}
+
+
 def _check_mode_fits(optimizer: Optimizer, mode: str) -> None:
     if mode == "lr":
         if any("lr" not in group for group in optimizer.param_groups):
             raise ValueError(
-                f"mode='lr' scales each group's 'lr', but {type(optimizer).__name__} has none; use mode='grad'"
+                f"mode='lr' scales each group's 'lr', but {type(optimizer).__name__} has none; use mode='update'"
             )
-    elif isinstance(optimizer, torch.optim.LBFGS) and optimizer.defaults.get("line_search_fn"):
+    elif mode == "grad" and isinstance(optimizer, torch.optim.LBFGS) and optimizer.defaults.get("line_search_fn"):
         raise ValueError(
             "LBFGS's line search checks the loss against the gradient, and PDMP's scaled gradient is not the "
-            "gradient of that loss; use LBFGS(line_search_fn=None)"
+            "gradient of that loss; use LBFGS(line_search_fn=None), or mode='update'"
         )
-
-
-def _split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
-    """Split param groups that mix modalities into one group per modality (in place), for ``"lr"`` mode."""
-    new_groups: list[dict[str, Any]] = []
-    for group in optimizer.param_groups:
-        by_modality: dict[str | None, list[int]] = {}
-        for index, p in enumerate(group["params"]):
-            by_modality.setdefault(membership.get(p), []).append(index)
-        if len(by_modality) <= 1:
-            new_groups.append(group)
-            continue
-        if "initial_lr" in group:
-            raise ValueError(
-                "mode='lr' must split a param group that mixes modalities, but an LR scheduler is already "
-                "attached to the optimizer; create the scheduler after PDMPOptimizer, on the PDMPOptimizer"
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("LBFGS supports a single param group, so mode='lr' cannot split it; use mode='grad'")
-        for indices in by_modality.values():
-            part = {**group, "params": [group["params"][i] for i in indices]}
-            if "param_names" in group:
-                part["param_names"] = [group["param_names"][i] for i in indices]
-            new_groups.append(part)
-    optimizer.param_groups[:] = new_groups

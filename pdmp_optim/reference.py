@@ -1,8 +1,9 @@
 """A slow, obviously-right twin of :class:`~pdmp_optim.PDMPOptimizer`, for tests and for reading.
 
 It does exactly what the paper says, one tensor at a time: multiply every gradient of modality ``m`` by
-``gamma[m]`` (or, in ``"lr"`` mode, every learning rate of a group holding only modality ``m``), then call
-the plain optimizer's ``step()``. The test suite checks the fast wrapper against it bit for bit.
+``gamma[m]`` (``"grad"`` mode), or every learning rate of a group holding only modality ``m`` (``"lr"`` mode), or
+the step itself (``"update"`` mode), around the plain optimizer's ``step()``. The tests check the fast wrapper
+against it.
 
 >>> import torch
 >>> w = torch.nn.Parameter(torch.ones(3)); w.grad = torch.ones(3)
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["reference_grad_step", "reference_lr_step"]
+__all__ = ["reference_grad_step", "reference_lr_step", "reference_update_step"]
 
 
 def reference_grad_step(
@@ -43,3 +44,21 @@ def reference_lr_step(optimizer: Optimizer, group_gammas: Sequence[float]) -> No
     optimizer.step()
     for group, lr in zip(optimizer.param_groups, saved, strict=True):
         group["lr"] = lr
+
+
+def reference_update_step(
+    optimizer: Optimizer, params: Mapping[str, Sequence[Tensor]], gammas: Mapping[str, float]
+) -> None:
+    """``optimizer.step()``, then ``p = p_old + gamma * (p - p_old)`` for each modality's parameters.
+
+    >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.ones(2)
+    >>> reference_update_step(torch.optim.SGD([w], lr=0.1), {"audio": [w]}, {"audio": 3.0})
+    >>> w.detach()
+    tensor([0.7000, 0.7000])
+    """
+    before = {m: [p.detach().clone() for p in tensors] for m, tensors in params.items()}
+    optimizer.step()
+    with torch.no_grad():
+        for modality, tensors in params.items():
+            for p, old in zip(tensors, before[modality], strict=True):
+                p.copy_(old + gammas[modality] * (p - old))

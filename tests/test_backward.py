@@ -306,14 +306,43 @@ def test_pdmp_optimizer_supplies_gammas_and_refuses_to_scale_twice() -> None:
     hooks = scale_encoder_grads(encoders_of(b), opt_b)
     assert hooks.gammas == opt_b.gammas == {"audio": 0.25, "visual": 4.0, "text": 0.25}
     loss_of(b, inputs).backward()
-    with pytest.raises(RuntimeError, match=r"opt\.optimizer\.step\(\)"):
-        opt_b.step()
-    opt_b.optimizer.step()
-    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    opt_b.step()  # leaves the hooked modalities to the hooks: each gradient scaled once
+    assert_close_to_rounding(list(b.parameters()), list(a.parameters()))
     hooks.remove()
+    opt_a.zero_grad()
     opt_b.zero_grad()
-    loss_of(b, inputs).backward()
-    opt_b.step()  # the guard left with the hooks
+    for opt, model in ((opt_a, a), (opt_b, b)):
+        loss_of(model, inputs).backward()
+        opt.step()  # without hooks the optimizer scales again
+    assert_close_to_rounding(list(b.parameters()), list(a.parameters()))
+
+
+def test_hooks_from_a_mapping_over_what_a_pdmp_optimizer_scales_make_its_step_raise() -> None:
+    model, inputs = build("mlp")
+    opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), encoders_of(model), dominant="visual")
+    hooks = scale_encoder_grads(encoders_of(model), dict(opt.gammas))  # a plain dict: 0.1 noticed nothing
+    loss_of(model, inputs).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="would be scaled twice"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    with pytest.raises(RuntimeError, match="would be scaled twice"):
+        PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), encoders_of(model), dominant="visual")
+    hooks.remove()
+    opt.step()
+
+
+def test_hooks_built_from_an_optimizer_follow_its_gammas_and_its_scheduler_does_not_warn() -> None:
+    model, inputs = build("mlp")
+    opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), encoders_of(model), dominant="visual")
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with scale_encoder_grads(encoders_of(model), opt) as hooks, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.gammas = {"audio": 1.0, "visual": 2.0, "text": 1.0}
+        assert hooks.gammas == {"audio": 1.0, "visual": 2.0, "text": 1.0}
+        loss_of(model, inputs).backward()
+        opt.step()
+        scheduler.step()
 
 
 # ---------------------------------------------------------------------------------------- validation

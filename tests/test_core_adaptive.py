@@ -6,7 +6,8 @@ import pytest
 import torch
 from _core_models import TwoModal, loss_of
 
-from pdmp_optim import PDMPOptimizer, is_scale_invariant, resolve_mode
+from pdmp_optim import PDMPOptimizer
+from pdmp_optim.modes import is_scale_invariant, resolve_mode
 
 ADAPTIVE = ["Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Rprop", "Adafactor"]
 
@@ -49,8 +50,10 @@ def test_auto_picks_lr_mode_for_every_adaptive_torch_optimizer(name):
     param = torch.nn.Parameter(torch.zeros(2, 2))
     opt = cls([param], lr=0.01) if name != "Adadelta" else cls([param])
     assert is_scale_invariant(opt)
-    assert resolve_mode(opt, "auto")[0] == "lr"
-    assert PDMPOptimizer(opt, {"m": [param]}, dominant="m").mode == "lr"
+    # Rprop reads lr only when its state is created and Adafactor caps it: scaling lr would not scale their update
+    expected = "update" if name in ("Rprop", "Adafactor") else "lr"
+    assert resolve_mode(opt, "auto")[0] == expected
+    assert PDMPOptimizer(opt, {"m": [param]}, dominant="m").mode == expected
 
 
 @pytest.mark.parametrize("name", ["SGD", "ASGD", "LBFGS"])
@@ -59,11 +62,15 @@ def test_auto_keeps_grad_mode_for_optimizers_that_follow_the_gradient_scale(name
     assert resolve_mode(getattr(torch.optim, name)([param], lr=0.1), "auto")[0] == "grad"
 
 
-def test_third_party_adaptive_optimizers_are_recognised_by_name():
-    class Lion(torch.optim.SGD):  # stands for any third-party class of that name
+def test_unknown_classes_get_update_mode_whatever_their_name():
+    class PolarSGD(torch.optim.SGD):  # contains "lars"; 0.1 picked lr mode from that substring
         pass
 
-    assert resolve_mode(Lion([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "auto")[0] == "lr"
+    class Lion(torch.optim.SGD):  # a third-party-looking name
+        pass
+
+    for cls in (PolarSGD, Lion):
+        assert resolve_mode(cls([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "auto")[0] == "update"
 
 
 def test_ten_thousand_scheduled_steps_leave_the_lrs_exactly_as_the_scheduler_set_them():

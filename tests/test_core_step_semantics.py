@@ -52,11 +52,13 @@ def test_scale_grads_is_forgotten_when_the_gradients_are_replaced_behind_the_opt
     assert params_equal(model, plain_model)
 
 
-def test_scale_grads_is_a_no_op_in_lr_mode():
-    model, opt, *_ = pair(lambda p: torch.optim.Adam(p, lr=1e-3), mode="lr")
+@pytest.mark.parametrize("mode", ["lr", "update"])
+def test_scale_grads_refuses_where_the_coefficient_is_not_in_the_gradients(mode):
+    model, opt, *_ = pair(lambda p: torch.optim.Adam(p, lr=1e-3), mode=mode)
     loss_of(model, 0).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    opt.scale_grads_()
+    with pytest.raises(RuntimeError, match=rf"scale_grads_\(\) is for mode='grad'; in mode='{mode}'"):
+        opt.scale_grads_()
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 

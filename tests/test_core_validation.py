@@ -31,9 +31,13 @@ def sgd(model):
         ({"gammas": {"audio": 2.0, "visual": 0.0}}, ValueError, r"gammas\['visual'\] must be a finite number > 0"),
         ({"gammas": {"audio": 2.0, "visual": math.nan}}, ValueError, r"gammas\['visual'\] must be a finite"),
         ({"gammas": {"audio": 2.0, "visual": True}}, TypeError, r"gammas\['visual'\] must be a number"),
-        ({"gammas": {"audio": 2.0, "video": 1.0}}, ValueError, r"gammas names \['video'\], which are not in groups"),
+        (
+            {"gammas": {"audio": 2.0, "video": 1.0}},
+            ValueError,
+            r"gammas names \['video'\], which are not among the modalities",
+        ),
         ({"gammas": {"audio": 2.0}}, ValueError, r"no coefficient for \['visual'\]"),
-        ({"dominant": "audio", "mode": "adam"}, ValueError, r"mode must be one of \('auto', 'grad', 'lr'\)"),
+        ({"dominant": "audio", "mode": "adam"}, ValueError, r"mode must be one of \('auto', 'grad', 'lr', 'update'\)"),
     ],
 )
 def test_bad_configuration(kwargs, error, match):
@@ -112,7 +116,7 @@ def test_lr_mode_needs_learning_rates():
             return None
 
     model = TwoModal()
-    with pytest.raises(ValueError, match="mode='lr' scales each group's 'lr', but NoLR has none; use mode='grad'"):
+    with pytest.raises(ValueError, match="mode='lr' scales each group's 'lr', but NoLR has none; use mode='update'"):
         PDMPOptimizer(NoLR(model.parameters()), model.groups(), dominant="audio", mode="lr")
 
 

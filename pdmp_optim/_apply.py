@@ -1,0 +1,76 @@
+"""The arithmetic of the three modes, apart from the class that owns state and groups (as torch's ``sgd.py`` does).
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.ones(2)
+>>> multiply_grads_([(3.0, [w])])
+>>> w.grad
+tensor([3., 3.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["multiply_grads_", "multiply_updates_", "snapshot"]
+
+
+Buckets = Sequence[tuple[float, Sequence[Tensor]]]  # (gamma, the parameters it multiplies)
+
+
+def multiply_grads_(buckets: Buckets) -> None:
+    """Multiply every ``p.grad`` by its bucket's gamma: one ``torch._foreach_mul_`` per (gamma, device, dtype).
+
+    Grouping happens on the gradients as they are now, so a model moved to another dtype or device after wrapping
+    is handled like any other. Sparse or expanded gradients (a zero stride) cannot be multiplied in place; they are
+    replaced by ``grad * gamma``, as a plain optimizer would read them. One function for all buckets: under
+    ``torch.compile`` it is one frame, so one graph.
+    """
+    with torch.no_grad():
+        for gamma, params in buckets:
+            dense = []
+            for p in params:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout is torch.strided and 0 not in grad.stride():  # not sparse, not expanded
+                    dense.append(grad)
+                else:
+                    p.grad = grad * gamma
+            if not dense:
+                continue
+            grouped: dict[Any, Any] = Optimizer._group_tensors_by_device_and_dtype([dense])  # type: ignore[list-item]
+            for (grads,), _ in grouped.values():
+                torch._foreach_mul_(grads, _multiplier(gamma, grads[0]))  # type: ignore[arg-type]
+
+
+def snapshot(buckets: Buckets) -> list[list[Tensor]]:
+    """Copies of the buckets' parameters, taken before the step (for :func:`multiply_updates_`)."""
+    with torch.no_grad():
+        return [list(torch._foreach_mul(list(params), 1.0)) for _, params in buckets]
+
+
+def multiply_updates_(buckets: Buckets, before: list[list[Tensor]]) -> None:
+    """Set ``p = p + (gamma - 1) * (p - p_before)``: the step ``p - p_before`` multiplied by ``gamma``."""
+    with torch.no_grad():
+        for (gamma, params), old in zip(buckets, before, strict=True):
+            torch._foreach_sub_(old, list(params))  # old := -(step)
+            torch._foreach_add_(list(params), old, alpha=1.0 - gamma)
+
+
+def _multiplier(gamma: float, grad: Tensor) -> float | Tensor:
+    """What to hand ``_foreach_mul_`` so that it rounds exactly like ``grad.mul_(gamma)``.
+
+    On CPU, ``_foreach_mul_`` with a Python scalar first rounds the scalar to a float16/bfloat16 list's dtype
+    (1/15 becomes 0.0669 in bfloat16), whereas ``grad.mul_(gamma)`` multiplies in float32; a 0-d float32 tensor
+    gives the float32 multiply. DTensor gradients (FSDP2) take Python scalars only; elsewhere a Python scalar is
+    exact and keeps the step free of host-device syncs.
+    """
+    distributed = hasattr(grad, "device_mesh")
+    if grad.device.type == "cpu" and grad.dtype in (torch.float16, torch.bfloat16) and not distributed:
+        return torch.tensor(gamma, dtype=torch.float32)
+    return gamma

@@ -1,0 +1,119 @@
+"""Which parameter belongs to which modality, checked against what the optimizer owns.
+
+>>> import torch
+>>> enc, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+>>> sgd = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1)
+>>> len(modality_of(sgd, {"audio": enc}))
+2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ._checks import check_name
+
+__all__ = ["GroupSpec", "modality_of", "split_param_groups"]
+
+GroupSpec = nn.Module | Iterable[Tensor]
+
+
+def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) -> dict[Tensor, str]:
+    """``{parameter: modality}`` from ``groups``, or from the ``"modality"`` tags of the param groups."""
+    if groups is None:
+        tagged = [g for g in optimizer.param_groups if g.get("modality") is not None]
+        if not tagged:
+            raise ValueError(
+                "no modality groups: pass groups={'audio': model.audio_encoder, ...} or tag the optimizer's "
+                "param groups with a 'modality' key"
+            )
+        return {p: check_name(g["modality"]) for g in tagged for p in g["params"]}
+    if not isinstance(groups, Mapping):
+        raise TypeError(
+            f"groups must map a modality name to an nn.Module or an iterable of parameters, got {type(groups).__name__}"
+        )
+    if not groups:
+        raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
+    owned = {p for group in optimizer.param_groups for p in group["params"]}
+    membership: dict[Tensor, str] = {}
+    for modality, spec in groups.items():
+        for p in _owned_params(check_name(modality), spec, owned):
+            other = membership.setdefault(p, modality)
+            if other != modality:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is in both groups[{other!r}] and groups[{modality!r}]; "
+                    "give every parameter to at most one modality"
+                )
+    _check_tags_agree(optimizer, membership)
+    return membership
+
+
+def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
+    """Split, in place, every param group that mixes modalities into one group per modality (same settings)."""
+    new_groups: list[dict[str, Any]] = []
+    for group in optimizer.param_groups:
+        by_modality: dict[str | None, list[int]] = {}
+        for index, p in enumerate(group["params"]):
+            by_modality.setdefault(membership.get(p), []).append(index)
+        if len(by_modality) <= 1:
+            new_groups.append(group)
+            continue
+        if "initial_lr" in group:
+            raise ValueError(
+                "this mode must split a param group that mixes modalities, but an LR scheduler is already attached "
+                "to the optimizer; create the scheduler after PDMPOptimizer, on the PDMPOptimizer"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("LBFGS supports a single param group, so mode='lr' cannot split it; use mode='grad'")
+        for indices in by_modality.values():
+            part = {**group, "params": [group["params"][i] for i in indices]}
+            if "param_names" in group:
+                part["param_names"] = [group["param_names"][i] for i in indices]
+            new_groups.append(part)
+    optimizer.param_groups[:] = new_groups
+
+
+def _owned_params(modality: str, spec: Any, owned: set[Tensor]) -> list[Tensor]:
+    params: list[Tensor]
+    if isinstance(spec, nn.Module):
+        params = list(spec.parameters())
+    elif isinstance(spec, Tensor):
+        params = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):
+        params = list(spec)
+    else:
+        raise TypeError(
+            f"groups[{modality!r}] must be an nn.Module or an iterable of parameters, got {type(spec).__name__}"
+        )
+    kept = []
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"groups[{modality!r}] holds a {type(p).__name__}, not a parameter tensor")
+        if p in owned:
+            kept.append(p)
+        elif p.requires_grad:
+            raise ValueError(
+                f"groups[{modality!r}] holds a parameter of shape {tuple(p.shape)} that the optimizer does not own; "
+                "build the optimizer over all trainable parameters (model.parameters())"
+            )
+    if not kept:
+        raise ValueError(
+            f"groups[{modality!r}] has no parameter that the optimizer trains; "
+            "pass the modality's encoder (its trainable parameters) or drop the entry"
+        )
+    return kept
+
+
+def _check_tags_agree(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
+    for group in optimizer.param_groups:
+        tag = group.get("modality")
+        if tag is not None and any(membership.get(p) != tag for p in group["params"]):
+            raise ValueError(
+                f"a param group is tagged modality={tag!r} but groups= assigns its parameters differently; "
+                "use either the tags or groups="
+            )
