@@ -71,7 +71,9 @@ def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("LBFGS supports a single param group, so mode='lr' cannot split it; use mode='grad'")
         for indices in by_modality.values():
-            part = {**group, "params": [group["params"][i] for i in indices]}
+            # tensor settings (a tensor lr) are cloned, so that changing one group's value in place changes only it
+            part = {k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()}
+            part["params"] = [group["params"][i] for i in indices]
             if "param_names" in group:
                 part["param_names"] = [group["param_names"][i] for i in indices]
             new_groups.append(part)
