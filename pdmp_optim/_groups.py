@@ -18,7 +18,9 @@ from torch.optim import Optimizer
 
 from ._checks import check_name
 
-__all__ = ["GroupSpec", "modality_of", "split_param_groups"]
+__all__ = ["GroupSpec", "Layout", "modality_of", "split_param_groups", "split_saved_groups"]
+
+Layout = list[list[list[int]]]  # per original group, the positions (in it) of the parameters of each part
 
 GroupSpec = nn.Module | Iterable[Tensor]
 
@@ -53,13 +55,18 @@ def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
     return membership
 
 
-def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
-    """Split, in place, every param group that mixes modalities into one group per modality (same settings)."""
+def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> Layout:
+    """Split, in place, every param group that mixes modalities into one group per modality (same settings).
+
+    Returns the layout of the split, which :func:`split_saved_groups` applies to a checkpoint of the unsplit optimizer.
+    """
     new_groups: list[dict[str, Any]] = []
+    layout: Layout = []
     for group in optimizer.param_groups:
         by_modality: dict[str | None, list[int]] = {}
         for index, p in enumerate(group["params"]):
             by_modality.setdefault(membership.get(p), []).append(index)
+        layout.append(list(by_modality.values()))
         if len(by_modality) <= 1:
             new_groups.append(group)
             continue
@@ -78,6 +85,26 @@ def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -
                 part["param_names"] = [group["param_names"][i] for i in indices]
             new_groups.append(part)
     optimizer.param_groups[:] = new_groups
+    return layout
+
+
+def split_saved_groups(state_dict: Mapping[str, Any], layout: Layout) -> dict[str, Any] | None:
+    """A state dict of the unsplit optimizer with its param groups split like :func:`split_param_groups` did, or
+    ``None`` if it does not have the unsplit optimizer's groups. Per-parameter state is keyed by position: unchanged.
+    """
+    saved = state_dict.get("param_groups", [])
+    if len(saved) != len(layout) or any(
+        len(g["params"]) != sum(map(len, parts)) for g, parts in zip(saved, layout, strict=True)
+    ):
+        return None
+    groups = []
+    for group, parts in zip(saved, layout, strict=True):
+        for indices in parts:
+            part = {**group, "params": [group["params"][i] for i in indices]}
+            if "param_names" in group:
+                part["param_names"] = [group["param_names"][i] for i in indices]
+            groups.append(part)
+    return {**state_dict, "param_groups": groups}
 
 
 def _owned_params(modality: str, spec: Any, owned: set[Tensor]) -> list[Tensor]:

@@ -29,7 +29,7 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hoo
 from . import _hooked
 from ._apply import multiply_grads_, multiply_updates_, snapshot
 from ._checks import check_gamma, check_gammas
-from ._groups import GroupSpec, modality_of, split_param_groups
+from ._groups import GroupSpec, modality_of, split_param_groups, split_saved_groups
 from .coefficients import pdmp_gammas
 from .modes import Mode, resolve_mode
 from .ranking import ModalityRanking
@@ -156,8 +156,7 @@ class PDMPOptimizer(Optimizer):
             list(dict.fromkeys(membership.values())), dominant, gamma_p, optimization_dominant, gammas, ranking
         )
         _check_mode_fits(optimizer, self._mode)
-        if self._mode == "lr":
-            split_param_groups(optimizer, membership)
+        self._layout = split_param_groups(optimizer, membership) if self._mode == "lr" else None
         self._modality_of = membership
         self._plan: _Plan | None = None
         self._mark: _ScaleMark | None = None
@@ -347,7 +346,8 @@ class PDMPOptimizer(Optimizer):
         """Restore a :meth:`state_dict`, including the gammas it was saved with.
 
         The modality of every parameter must match this optimizer's; a plain inner-optimizer state dict (from a
-        run without PDMP) is accepted too and keeps the current gammas. On a mismatch nothing changes.
+        run without PDMP, even with the param groups ``"lr"`` mode split) is accepted too and keeps the current
+        gammas. On a mismatch nothing changes.
         """
         loaded: dict[str, Any] = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -356,6 +356,12 @@ class PDMPOptimizer(Optimizer):
                 loaded = result
         config = loaded.pop(_STATE_KEY, None)
         gammas = self._gammas if config is None else self._check_config(config)
+        if (
+            config is None
+            and self._layout is not None
+            and len(loaded.get("param_groups", [])) != len(self.param_groups)
+        ):
+            loaded = split_saved_groups(loaded, self._layout) or loaded  # a plain run's checkpoint, before the split
         saved_groups = loaded.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

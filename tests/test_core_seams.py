@@ -463,3 +463,40 @@ def test_setting_gammas_checks_them():
     with pytest.raises(ValueError, match="not among the modalities"):
         opt.gammas = {"visual": 1.0, "audio": 1.0, "text": 2.0}
     assert dict(opt.gammas) == GAMMAS
+
+
+# ------------------------------------------------------------- plain checkpoints into split groups
+def test_a_plain_adam_run_resumes_under_lr_mode_that_split_its_group():
+    """Pretrain with plain Adam (one group), resume with PDMP "lr" mode (three groups): the state lands per parameter,
+    and the run continues like the reference twin loaded the same way."""
+    model, ref = Pair(), Pair()
+    plain, plain_ref = torch.optim.Adam(model.parameters(), lr=1e-3), torch.optim.Adam(ref.parameters(), lr=1e-3)
+    for step in range(2):
+        for m, o in ((model, plain), (ref, plain_ref)):
+            m(step).backward()
+            o.step()
+            o.zero_grad()
+    opt = PDMPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model.groups(), gammas=GAMMAS)
+    assert opt.mode == "lr" and len(opt.param_groups) == 3
+    opt.load_state_dict(plain.state_dict())
+    assert all(torch.equal(opt.state[p]["exp_avg"], plain.state[p]["exp_avg"]) for p in model.parameters())
+    twin = torch.optim.Adam([{"params": list(m.parameters())} for m in (ref.audio, ref.visual, ref.head)], lr=1e-3)
+    saved = plain_ref.state_dict()
+    split = [{**saved["param_groups"][0], "params": ids} for ids in ([0, 1], [2, 3], [4, 5])]
+    twin.load_state_dict({"state": saved["state"], "param_groups": split})
+    for step in range(2, 4):
+        model(step).backward()
+        opt.step()
+        opt.zero_grad()
+        ref(step).backward()
+        reference_lr_step(twin, [1 / 15, 15.0, 1.0])
+        twin.zero_grad()
+    assert_same(model, ref)
+
+
+def test_a_plain_checkpoint_with_other_groups_is_refused_and_names_the_cause():
+    model = Pair()
+    opt = PDMPOptimizer(torch.optim.Adam(model.parameters()), model.groups(), gammas=GAMMAS)
+    other = torch.optim.Adam([{"params": [p]} for p in list(model.parameters())[:2]]).state_dict()
+    with pytest.raises(ValueError, match="checkpoint has 2 param groups, this optimizer has 3"):
+        opt.load_state_dict(other)
