@@ -30,6 +30,13 @@ from . import _hooked
 from ._apply import multiply_grads_, multiply_updates_, snapshot
 from ._checks import check_gamma, check_gammas
 from ._groups import GroupSpec, modality_of, split_param_groups, split_saved_groups
+from ._lr import (
+    compensates_decay,
+    keeps_momentum_in_gamma_units,
+    momentum_to_internal_,
+    momentum_to_standard,
+    rescale_momentum_,
+)
 from .coefficients import pdmp_gammas
 from .modes import Mode, resolve_mode
 from .ranking import ModalityRanking
@@ -60,13 +67,13 @@ class _Plan:
         source: tuple[tuple[dict[str, Any], list[Tensor], int], ...],
         hooks_generation: int,
         by_gamma: list[tuple[float, list[Tensor]]],
-        lr_groups: list[tuple[dict[str, Any], float]],
+        lr_groups: list[tuple[dict[str, Any], float, bool]],
         conflict: str | None,
     ) -> None:
         self.source = source  # the groups, their params lists and lengths it was built from
         self.hooks_generation = hooks_generation
         self.by_gamma = by_gamma  # "grad" and "update": each parameter once
-        self.lr_groups = lr_groups  # "lr": groups holding a single scaled modality
+        self.lr_groups = lr_groups  # "lr": (group, gamma, whether its weight decay is divided by gamma)
         self.conflict = conflict  # why stepping would scale some gradient twice (backward hooks), if it would
 
     def fits(self, groups: list[dict[str, Any]]) -> bool:
@@ -161,6 +168,9 @@ class PDMPOptimizer(Optimizer):
         self._plan: _Plan | None = None
         self._mark: _ScaleMark | None = None
         self._plan_for_step()
+        # SGD in "lr" mode keeps momentum in 1/gamma units; hooks on the inner optimizer convert its state dicts
+        self._gamma_units = self._mode == "lr" and keeps_momentum_in_gamma_units(optimizer)
+        self._register_unit_hooks()
 
     # ----------------------------------------------------------------------------------------- the protocol
     @property
@@ -217,8 +227,11 @@ class PDMPOptimizer(Optimizer):
                 f"gammas has no coefficient for {missing}; give one for every modality {list(self._gammas)}"
             )
         self._refuse_while_marked("change gammas")
+        old = {id(g): self._group_gamma(g) for g in self.param_groups}
         self._gammas = new
         self._plan = None
+        if self._gamma_units:  # keep the momentum the same in standard units
+            rescale_momentum_(self._optimizer, lambda g: old[id(g)] / self._group_gamma(g))
 
     @property
     def mode(self) -> str:
@@ -292,15 +305,20 @@ class PDMPOptimizer(Optimizer):
             self._forget_mark()
 
     def _lr_step(self, plan: _Plan, closure: Callable[[], Any] | None) -> Any:
+        """lr x gamma (and weight decay / gamma where it is compensated) for the step; the originals put back."""
         saved = []
-        for group, gamma in plan.lr_groups:  # a loop, not a comprehension: that would cost torch.compile a graph
-            saved.append(group["lr"])  # the original object, put back exactly; a tensor lr is never mutated
+        for group, gamma, decay in plan.lr_groups:  # loops, not comprehensions: those cost torch.compile a graph
+            saved.append((group["lr"], group.get("weight_decay")))  # the objects themselves; a tensor is never mutated
             group["lr"] = group["lr"] * gamma
+            if decay:
+                group["weight_decay"] = group["weight_decay"] / gamma
         try:
             return self._inner_step(closure)
         finally:
-            for (group, _), lr in zip(plan.lr_groups, saved, strict=True):
+            for (group, _, decay), (lr, weight_decay) in zip(plan.lr_groups, saved, strict=True):
                 group["lr"] = lr
+                if decay:
+                    group["weight_decay"] = weight_decay
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``; also forgets an earlier :meth:`scale_grads_`."""
@@ -369,9 +387,12 @@ class PDMPOptimizer(Optimizer):
                 "was it saved from an optimizer with the same param groups (and the same PDMP mode)?"
             )
         self._refuse_while_marked("load a state dict")
-        self._optimizer.load_state_dict(loaded)
-        self._gammas = gammas
-        self._plan = None
+        current, self._gammas, self._plan = self._gammas, gammas, None  # the units hook converts with these gammas
+        try:
+            self._optimizer.load_state_dict(loaded)
+        except BaseException:
+            self._gammas, self._plan = current, None
+            raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -388,6 +409,7 @@ class PDMPOptimizer(Optimizer):
         self._mark = None
         self._init_hook_dicts()
         self._patch_step_function()
+        self._register_unit_hooks()  # the inner optimizer's copy dropped them, as torch drops all optimizer hooks
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
@@ -401,6 +423,21 @@ class PDMPOptimizer(Optimizer):
     def _init_hook_dicts(self) -> None:
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
+
+    def _register_unit_hooks(self) -> None:
+        if self._gamma_units:
+            self._optimizer.register_state_dict_post_hook(self._momentum_to_standard)
+            self._optimizer.register_load_state_dict_post_hook(self._momentum_to_internal)
+
+    def _momentum_to_standard(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return momentum_to_standard(state_dict, self.param_groups, self._group_gamma)
+
+    def _momentum_to_internal(self, optimizer: Optimizer) -> None:
+        momentum_to_internal_(optimizer, self._group_gamma)
+
+    def _group_gamma(self, group: dict[str, Any]) -> float:
+        """The gamma of a group that holds a single modality (as every group does in "lr" mode)."""
+        return self._gamma_of(group["params"][0]) if group["params"] else 1.0
 
     def _config(self) -> dict[str, Any]:
         """The PDMP configuration as plain data, parameters named by their state-dict ids."""
@@ -462,7 +499,7 @@ class PDMPOptimizer(Optimizer):
                 self._modality_of.update(dict.fromkeys(group["params"], group["modality"]))
         hooked, conflict = _hooked.overlap(self, self._modality_of)
         by_gamma: dict[float, list[Tensor]] = {}
-        lr_groups = []
+        lr_groups: list[tuple[dict[str, Any], float, bool]] = []
         seen: set[Tensor] = set()
         for index, group in enumerate(self.param_groups):
             modalities = {self._modality_of.get(p) for p in group["params"]}
@@ -481,7 +518,9 @@ class PDMPOptimizer(Optimizer):
             conflict=conflict,
         )
 
-    def _lr_group(self, index: int, group: dict[str, Any], modalities: set[str | None]) -> list[tuple[Any, float]]:
+    def _lr_group(
+        self, index: int, group: dict[str, Any], modalities: set[str | None]
+    ) -> list[tuple[dict[str, Any], float, bool]]:
         if len(modalities) > 1:
             raise ValueError(
                 f"param group {index} mixes modalities {sorted(map(str, modalities))}, but mode='lr' needs one "
@@ -490,7 +529,7 @@ class PDMPOptimizer(Optimizer):
             )
         modality = next(iter(modalities), None)
         gamma = 1.0 if modality is None else self._gammas[modality]
-        return [] if gamma == 1.0 else [(group, gamma)]
+        return [] if gamma == 1.0 else [(group, gamma, compensates_decay(self._optimizer, group))]
 
     def _gamma_of(self, p: Tensor) -> float:
         modality = self._modality_of.get(p)

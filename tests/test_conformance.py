@@ -263,18 +263,22 @@ class Twin:
         if self.mode == "grad":
             return self.case.step(self.opt, self.model, t, after_backward=self._multiply_grads)
         if self.mode == "lr":
-            saved = [group["lr"] for group in self.opt.param_groups]
+            saved = [(group["lr"], group.get("weight_decay")) for group in self.opt.param_groups]
             for group in self.opt.param_groups:
                 modalities = {self.modality.get(p) for p in group["params"]}
                 assert len(modalities) == 1, "the wrapper left a param group that mixes modalities in 'lr' mode"
                 (m,) = modalities
                 if m is not None:
                     group["lr"] = group["lr"] * self.gammas[m]
+                    if _decoupled_decay(self.opt, group):  # the update is multiplied, the decay stays as set
+                        group["weight_decay"] = group["weight_decay"] / self.gammas[m]
             try:
                 return self.case.step(self.opt, self.model, t)
             finally:
-                for group, lr in zip(self.opt.param_groups, saved, strict=True):
+                for group, (lr, weight_decay) in zip(self.opt.param_groups, saved, strict=True):
                     group["lr"] = lr
+                    if weight_decay is not None:
+                        group["weight_decay"] = weight_decay
         assert self.mode == "update", self.mode
         before = [(p, p.detach().clone(), self.gammas[m]) for p, m in self.modality.items()]
         loss = self.case.step(self.opt, self.model, t)
@@ -282,6 +286,13 @@ class Twin:
             for p, old, gamma in before:
                 p.copy_(old + gamma * (p - old))
         return loss
+
+
+def _decoupled_decay(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Weight decay applied as ``p *= 1 - lr * weight_decay``: AdamW, ``decoupled_weight_decay=True``, Muon."""
+    return bool(group.get("weight_decay")) and (
+        bool(group.get("decoupled_weight_decay")) or type(opt).__name__ == "Muon"
+    )
 
 
 def _step_both(case: Case, opt: torch.optim.Optimizer, model: TwoModal, twin: Twin, t: int) -> tuple[Any, Any]:
@@ -415,6 +426,10 @@ def test_auto_mode_multiplies_each_modality_update_by_gamma_with_state(case: Cas
     bare.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
     names, bare_params = _names(model), dict(bare_model.named_parameters())
     _same(_lrs(bare), [float(case.inner(case.model()).param_groups[0]["lr"])] * len(bare.param_groups), EXACT, "lr")
+    for o in (opt, bare):  # decoupled decay is not multiplied, by design: measure the gradient-driven update
+        for group in o.param_groups:
+            if _decoupled_decay(o.optimizer if isinstance(o, PDMPOptimizer) else o, group):
+                group["weight_decay"] = 0.0
     before = _params(model)
     case.step(opt, model, WARMUP)
     case.step(bare, bare_model, WARMUP)
