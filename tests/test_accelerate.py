@@ -12,15 +12,7 @@ accelerate = pytest.importorskip(
 )
 
 import torch  # noqa: E402
-from _integration_util import (  # noqa: E402
-    GAMMAS,
-    assert_same_params,
-    groups,
-    loss_fn,
-    make_batches,
-    make_model,
-    scale_grads_reference,
-)
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
@@ -45,23 +37,23 @@ def sgd(params) -> torch.optim.SGD:
 
 def prepared(**accelerator_kwargs):
     accelerator = accelerate.Accelerator(cpu=True, **accelerator_kwargs)
-    model = make_model()
-    pdmp = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    pdmp = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
     model, opt = accelerator.prepare(model, pdmp)
     return accelerator, model, opt, pdmp
 
 
 def reference(order: str = "scale", micro: int = 1, steps: int = STEPS):
-    model = make_model()
+    model = TwoModal()
     opt = sgd(model.parameters())
-    batches = make_batches(steps * micro, batch=8 // micro)
+    batches = make_batches(steps * micro, n=8 // micro)
     for step in range(steps):
         opt.zero_grad()
         for batch in batches[step * micro : (step + 1) * micro]:
             (loss_fn(model, batch) / micro).backward()
         if order == "clip-scale":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        scale_grads_reference(model)
+        reference_scale_grads(model)
         if order == "scale-clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
@@ -97,7 +89,7 @@ def test_accelerator_clip_grad_norm(order):
 def test_accumulate_scales_once_per_step():
     micro = 2
     accelerator, model, opt, _ = prepared(gradient_accumulation_steps=micro)
-    for batch in make_batches(STEPS * micro, batch=8 // micro):
+    for batch in make_batches(STEPS * micro, n=8 // micro):
         with accelerator.accumulate(model):
             accelerator.backward(loss_fn(model, batch))
             opt.step()
@@ -113,13 +105,13 @@ def test_bf16_mixed_precision():
         opt.zero_grad()
         accelerator.backward(loss_fn(model, batch))
         opt.step()
-    ref = make_model()
+    ref = TwoModal()
     ref_opt = sgd(ref.parameters())
     for batch in make_batches(STEPS):
         ref_opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = ref(batch[0], batch[1])
         torch.nn.functional.cross_entropy(logits.float(), batch[2]).backward()
-        scale_grads_reference(ref)
+        reference_scale_grads(ref)
         ref_opt.step()
     assert_same_params(accelerator.unwrap_model(model), ref)

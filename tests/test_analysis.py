@@ -118,7 +118,7 @@ def analysed() -> dict:
     }
 
 
-# ------------------------------------------------------------------------------------------- must-hold 1 and 5
+# --------------------------- the constructed roles come out, with full agreement, and plug into PDMPOptimizer
 def test_constructed_roles_with_full_agreement(analysed: dict) -> None:
     ranking = analysed["ranking"]
     assert isinstance(ranking, ModalityRanking)
@@ -157,7 +157,7 @@ def test_result_plugs_into_pdmp_optimizer(analysed: dict) -> None:
         torch.testing.assert_close(p.detach(), value - lr * grad)
 
 
-# ----------------------------------------------------------------------------------------------- must-hold 2
+# ------------------------------------------------------ the user's encoders and the global RNG are left alone
 def test_user_encoders_unchanged_bit_for_bit(analysed: dict) -> None:
     for modality, encoder in analysed["encoders"].items():
         assert_same(analysed["before"][modality], snapshot(encoder))
@@ -168,7 +168,7 @@ def test_global_rng_left_alone(analysed: dict) -> None:
     assert analysed["rng_same"]
 
 
-# ----------------------------------------------------------------------------------------------- must-hold 3
+# ------------------------------------------------------------------- bad input is an error that names the fix
 def _drop(batches: list, index: int, modality: str) -> list:
     out = list(batches)
     x, y = out[index]
@@ -279,7 +279,7 @@ def test_diverging_run_names_the_learning_rate() -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------- must-hold 4
+# ------------------------------------- same arguments and seeds, same histories; subsets, loaders and metrics
 def test_same_arguments_and_seeds_give_the_same_histories() -> None:
     kwargs = dict(num_classes=C, epochs=2, seeds=2, subset=0.5, optimizer=fast_sgd, seed=7)
     first = unimodal_histories(make_encoders(), TRAIN, VAL, **kwargs)
@@ -354,7 +354,7 @@ def test_histories_match_rank_modalities() -> None:
         assert analyze_modalities(make_encoders(), TRAIN, VAL, **kwargs) == rank_modalities(histories, warn=False)
 
 
-# ----------------------------------------------------------------------------------------------- must-hold 5
+# ------------------------------------------------------- doubtful rankings (disagreeing runs, ties) warn once
 def test_indistinguishable_modalities_warn_once_at_the_call_site() -> None:
     """Two copies of the same modality: the runs cannot agree on a clear winner."""
     x, y = make_split(256, 0)

@@ -102,7 +102,7 @@ def unscaled_grads(model: Fusion, inputs: dict[str, torch.Tensor]) -> list[torch
 
 
 def assert_close_to_rounding(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    scale = max(float(e.abs().max()) for e in expected)
+    scale = max(float(e.detach().abs().max()) for e in expected)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * scale)
 
@@ -287,13 +287,47 @@ def test_remove_and_context_exit_restore_unscaled_gradients() -> None:
     assert all(torch.equal(a, u) for a, u in zip(unscaled_grads(model, inputs), unscaled, strict=True))
 
 
-def test_no_grad_forward_and_unit_gamma_do_nothing() -> None:
+def test_unit_gamma_installs_no_hook_and_leaves_the_gradients_bit_for_bit() -> None:
+    model, inputs = build("mlp")
+    unscaled = unscaled_grads(copy.deepcopy(model), inputs)
+    with scale_encoder_grads(encoders_of(model), {"audio": 1.0, "visual": 1.0, "text": 1.0}) as hooks:
+        assert hooks.gammas == {"audio": 1.0, "visual": 1.0, "text": 1.0}
+        assert not hooks.active and "removed" in repr(hooks)  # nothing to scale: no hook at all
+        assert all(not m._forward_hooks for enc in model.encoders.values() for m in enc.modules())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hooked = unscaled_grads(model, inputs)
+    assert all(torch.equal(a, u) for a, u in zip(hooked, unscaled, strict=True))
+    # with PDMPOptimizer scaling the same modalities, unit-gamma hooks are no double scaling: its step works
+    opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), encoders_of(model), dominant="visual")
+    with scale_encoder_grads(encoders_of(model), {"audio": 1.0, "visual": 1.0, "text": 1.0}):
+        opt.step()
+
+
+def test_only_the_modalities_with_a_gamma_other_than_one_are_hooked() -> None:
+    model, inputs = build("mlp")
+    unscaled = unscaled_grads(copy.deepcopy(model), inputs)
+    with scale_encoder_grads(encoders_of(model), {"audio": 1.0, "visual": 4.0, "text": 1.0}) as hooks:
+        assert hooks.active
+        assert [name for name, enc in model.encoders.items() if enc._forward_hooks] == ["visual"]
+        hooked = unscaled_grads(model, inputs)
+    for (name, _), a, u in zip(model.named_parameters(), hooked, unscaled, strict=True):
+        if name.startswith("encoders.visual."):
+            assert_close_to_rounding([a], [4.0 * u])
+        else:  # audio, text and the head: untouched, to the last bit
+            assert torch.equal(a, u), name
+    assert not model.encoders["visual"]._forward_hooks  # and leaving the context removed the hook
+
+
+def test_no_grad_forward_registers_nothing_and_changes_no_output() -> None:
     enc = nn.Linear(3, 2)
-    with scale_encoder_grads({"audio": enc}, {"audio": 1.0}) as hooks, torch.no_grad():
-        enc(torch.randn(2, 3))
-    assert hooks.gammas == {"audio": 1.0}
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = enc(x)
     with scale_encoder_grads({"audio": enc}, {"audio": 3.0}), torch.no_grad():
-        assert not enc(torch.randn(2, 3)).requires_grad
+        out = enc(x)
+    assert not out.requires_grad and out.grad_fn is None  # no tensor to hang a gradient hook on, and none hung
+    assert torch.equal(out, expected)
 
 
 def test_pdmp_optimizer_supplies_gammas_and_refuses_to_scale_twice() -> None:
@@ -336,13 +370,21 @@ def test_hooks_built_from_an_optimizer_follow_its_gammas_and_its_scheduler_does_
     model, inputs = build("mlp")
     opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), encoders_of(model), dominant="visual")
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    unscaled = unscaled_grads(copy.deepcopy(model), inputs)
     with scale_encoder_grads(encoders_of(model), opt) as hooks, warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.gammas = {"audio": 1.0, "visual": 2.0, "text": 1.0}
         assert hooks.gammas == {"audio": 1.0, "visual": 2.0, "text": 1.0}
         loss_of(model, inputs).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]
         opt.step()
         scheduler.step()
+    # the hooks used the new gammas (visual x2, the rest x1), and opt.step() did not scale them again
+    for (name, _), g, u in zip(model.named_parameters(), grads, unscaled, strict=True):
+        assert_close_to_rounding([g], [2.0 * u if name.startswith("encoders.visual.") else u])
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
+        assert torch.equal(p.detach(), b.add(g, alpha=-0.1))  # a plain SGD step on those gradients
 
 
 # ---------------------------------------------------------------------------------------- validation

@@ -1,10 +1,12 @@
-"""Promise 3: adaptive optimizers are never a silent no-op, and lr mode leaves every lr exactly as scheduled."""
+"""Adaptive optimizers (Adam and kin) normalise a gradient scale away, so auto mode scales their update instead
+(lr mode, or update mode where lr does not scale the update), forcing grad mode warns, and lr mode leaves every
+lr exactly as the scheduler set it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _core_models import TwoModal, loss_of
+from _helpers import TwoModal, loss_of
 
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.modes import is_scale_invariant, resolve_mode

@@ -1,4 +1,5 @@
-"""Promise 2 (checkpoints): state_dict round-trips as plain data and a resumed run continues bit-identically."""
+"""Checkpoints: state_dict() holds the inner state plus the PDMP configuration as plain data, load_state_dict()
+restores both (or refuses and changes nothing), and a resumed run continues bit-identically."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import io
 
 import pytest
 import torch
-from _core_models import TwoModal, loss_of, params_equal
+from _helpers import TwoModal, assert_same_params, loss_of
 
 from pdmp_optim import PDMPOptimizer
 
@@ -37,6 +38,23 @@ def train(model, opt, sched, steps):
         opt.zero_grad()
 
 
+def assert_same_state(got, want):
+    """Two state dicts hold the same keys and values, tensors bit for bit (``str`` would round them)."""
+    assert type(got) is type(want)
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_same_state(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert_same_state(a, b)
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got, want)
+    else:
+        assert got == want
+
+
 def roundtrip(obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -58,7 +76,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(name):
     opt_b.load_state_dict(checkpoint["opt"])
     train(model_b, opt_b, sched_b, range(5, 12))
 
-    assert params_equal(model, model_b)
+    assert_same_params(model, model_b)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt_b.param_groups]
 
 
@@ -93,7 +111,8 @@ def test_a_checkpoint_in_an_unknown_format_fails_clearly_and_changes_nothing():
     state["pdmp"] = {**state["pdmp"], "format": 99}
     with pytest.raises(ValueError, match=r"'pdmp' entry has format 99; this pdmp-optim reads formats 1 and 2"):
         target.load_state_dict(state)
-    assert str(target.state_dict()) == str(before)
+    assert_same_state(target.state_dict(), before)
+    assert dict(target.gammas) == {"audio": 1 / 10, "visual": 10.0}
 
 
 def test_checkpoint_with_other_modality_membership_fails():
@@ -109,14 +128,27 @@ def test_checkpoint_with_other_modality_membership_fails():
         target.load_state_dict(opt.state_dict())
 
 
-def test_a_plain_checkpoint_with_matching_groups_loads():
+def test_a_plain_checkpoint_with_the_same_params_loads_and_other_groups_are_refused():
     model = TwoModal()
     plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_adam = torch.optim.Adam(model.parameters())
     loss_of(model, 0).backward()
     plain.step()
+    plain_adam.step()
     opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model.groups(), dominant="audio")
     opt.load_state_dict(plain.state_dict())
+    assert len(opt.state) == len(plain.state) == len(list(model.parameters()))
     assert all(torch.equal(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"]) for p in plain.state)
+    assert dict(opt.gammas) == {"audio": 15.0, "visual": 1 / 15}  # a plain checkpoint keeps the current gammas
+    # lr mode split the single group into audio, visual, head: the plain run's one-group checkpoint is split alike
     split = PDMPOptimizer(torch.optim.Adam(model.parameters()), model.groups(), dominant="audio", mode="lr")
-    with pytest.raises(ValueError, match="checkpoint has 1 param groups, this optimizer has 3"):
-        split.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+    split.load_state_dict(plain_adam.state_dict())
+    assert [g["params"] for g in split.param_groups] == [
+        list(m.parameters()) for m in (model.audio, model.visual, model.head)
+    ]
+    assert all(torch.equal(split.state[p]["exp_avg"], plain_adam.state[p]["exp_avg"]) for p in plain_adam.state)
+    other = torch.optim.Adam(
+        [{"params": model.audio.parameters()}, {"params": [*model.visual.parameters(), *model.head.parameters()]}]
+    )
+    with pytest.raises(ValueError, match="checkpoint has 2 param groups, this optimizer has 3"):
+        split.load_state_dict(other.state_dict())

@@ -1,14 +1,16 @@
-"""Promises 4 and 6 (core part): scale_grads_, closures, and the shape of the work step() does."""
+"""Order with the rest of a training loop, and the cost of a step: scale_grads_() scales once per step (before
+clipping, across accumulation, inside closures, LBFGS included), and step() does one foreach multiply per
+(gamma, device, dtype) bucket with no host-device sync, or no tensor work at all in lr mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _core_models import TwoModal, loss_of, params_equal
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_of, reference_scale_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pdmp_optim import PDMPOptimizer
-from pdmp_optim.reference import reference_grad_step
+from pdmp_optim.reference import reference_grad_step, reference_lr_step
 
 # these tests force mode="grad" on adaptive optimizers on purpose, to check the arithmetic
 pytestmark = pytest.mark.filterwarnings("ignore:mode='grad' with:UserWarning")
@@ -21,8 +23,7 @@ def pair(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), mode="gra
     plain = optimizer(
         [{"params": list(m.parameters())} for m in (plain_model.audio, plain_model.visual, plain_model.head)]
     )
-    plain_groups = {"audio": list(plain_model.audio.parameters()), "visual": list(plain_model.visual.parameters())}
-    return model, opt, plain_model, plain, plain_groups
+    return model, opt, plain_model, plain, plain_model.modality_params()
 
 
 def test_scale_grads_then_step_scales_once_and_twice_calling_is_harmless():
@@ -36,7 +37,7 @@ def test_scale_grads_then_step_scales_once_and_twice_calling_is_harmless():
         loss_of(plain_model, step).backward()
         reference_grad_step(plain, plain_groups, opt.gammas)
         plain.zero_grad()
-    assert params_equal(model, plain_model)
+    assert_same_params(model, plain_model)
 
 
 def test_scale_grads_is_forgotten_when_the_gradients_are_replaced_behind_the_optimizers_back():
@@ -49,7 +50,7 @@ def test_scale_grads_is_forgotten_when_the_gradients_are_replaced_behind_the_opt
     opt.step()
     loss_of(plain_model, 1).backward()
     reference_grad_step(plain, plain_groups, opt.gammas)
-    assert params_equal(model, plain_model)
+    assert_same_params(model, plain_model)
 
 
 @pytest.mark.parametrize("mode", ["lr", "update"])
@@ -72,7 +73,7 @@ def test_gradient_accumulation_is_scaled_once_per_step():
         opt.zero_grad()
         reference_grad_step(plain, plain_groups, opt.gammas)
         plain.zero_grad()
-    assert params_equal(model, plain_model)
+    assert_same_params(model, plain_model)
 
 
 @pytest.mark.parametrize(
@@ -84,10 +85,8 @@ def test_gradient_accumulation_is_scaled_once_per_step():
     ],
     ids=["sgd-grad", "adam-grad", "adam-lr"],
 )
-def test_closure_step_equals_the_plain_step(optimizer, mode):
-    model, opt, *_ = pair(optimizer, mode)
-    twin = TwoModal()
-    twin_opt = PDMPOptimizer(optimizer(twin.parameters()), twin.groups(), dominant="visual", mode=mode)
+def test_closure_step_equals_the_reference_step(optimizer, mode):
+    model, opt, plain_model, plain, plain_groups = pair(optimizer, mode)
     for step in range(3):
 
         def closure(step=step):
@@ -97,11 +96,15 @@ def test_closure_step_equals_the_plain_step(optimizer, mode):
             return loss
 
         returned = opt.step(closure)
-        loss_of(twin, step).backward()
-        twin_opt.step()
-        twin_opt.zero_grad()
-        assert torch.is_tensor(returned)
-    assert params_equal(model, twin)
+        plain.zero_grad()
+        loss = loss_of(plain_model, step)
+        loss.backward()
+        if mode == "grad":
+            reference_grad_step(plain, plain_groups, GAMMAS)
+        else:  # plain's groups are audio, visual, head: the split lr mode made of the single group
+            reference_lr_step(plain, [GAMMAS["audio"], GAMMAS["visual"], 1.0])
+        assert torch.equal(returned, loss)
+    assert_same_params(model, plain_model)
 
 
 def test_lbfgs_scales_the_gradient_of_every_closure_evaluation():
@@ -121,16 +124,13 @@ def test_lbfgs_scales_the_gradient_of_every_closure_evaluation():
         reference.zero_grad()
         loss = loss_of(reference_model, 0)
         loss.backward()
-        with torch.no_grad():
-            for name, gamma in opt.gammas.items():
-                for p in getattr(reference_model, name).parameters():
-                    p.grad.mul_(gamma)
+        reference_scale_grads(reference_model)
         return loss
 
     opt.step(closure)
     reference.step(reference_closure)
     assert len(evaluations) > 1  # LBFGS really re-evaluated
-    assert params_equal(model, reference_model)
+    assert_same_params(model, reference_model)
 
 
 def test_lbfgs_line_search_is_refused_in_grad_mode():
@@ -193,7 +193,7 @@ def test_lr_mode_step_does_no_tensor_work_of_its_own():
 
 def test_a_closure_that_calls_scale_grads_itself_is_not_scaled_twice():
     # Lightning runs on_before_optimizer_step and gradient clipping inside the closure it passes to step()
-    model, opt, plain_model, plain, plain_groups = pair()
+    model, opt, plain_model, plain, _ = pair()
 
     def closure():
         opt.zero_grad()
@@ -205,10 +205,7 @@ def test_a_closure_that_calls_scale_grads_itself_is_not_scaled_twice():
 
     opt.step(closure)
     loss_of(plain_model, 0).backward()
-    with torch.no_grad():
-        for name, params in plain_groups.items():
-            for p in params:
-                p.grad.mul_(opt.gammas[name])
+    reference_scale_grads(plain_model)
     torch.nn.utils.clip_grad_norm_(plain_model.parameters(), max_norm=0.5)
     plain.step()
-    assert params_equal(model, plain_model)
+    assert_same_params(model, plain_model)

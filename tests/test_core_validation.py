@@ -1,4 +1,5 @@
-"""Promise 7: bad input fails at construction with a message that names the fix."""
+"""Bad input (unknown dominant, a parameter in two groups or not owned by the optimizer, empty groups, a gamma
+<= 0, NaN or inf, a non-optimizer) fails at construction with a message that names the fix."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _core_models import TwoModal
+from _helpers import TwoModal
 
 from pdmp_optim import PDMPOptimizer, pdmp_gammas, rank_modalities
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _integration_util import GAMMAS, groups, loss_fn, make_batches, make_model, modality_params
+from _helpers import GAMMAS, TwoModal, loss_fn, make_batches
 from torch.overrides import TorchFunctionMode
 
 from pdmp_optim import PDMPOptimizer
@@ -26,13 +26,13 @@ class CallCounter(TorchFunctionMode):
 def split_logits(model, batch):
     """Each modality's contribution to the fused logits (the head's columns reading that modality)."""
     x_a, x_v, _ = batch
-    h_a, h_v = torch.relu(model.audio(x_a)), torch.relu(model.visual(x_v))
+    h_a, h_v = model.audio(x_a), model.visual(x_v)
     w = model.head.weight
     return {"audio": h_a @ w[:, :8].T, "visual": h_v @ w[:, 8:].T}
 
 
 def test_two_modalities_give_the_papers_w():
-    model, batch = make_model(), make_batches(1)[0]
+    model, batch = TwoModal(), make_batches(1)[0]
     s = split_logits(model, batch)
     # the split is faithful: the parts add up to the fused logits minus the bias
     torch.testing.assert_close(s["audio"] + s["visual"] + model.head.bias, model(batch[0], batch[1]))
@@ -86,8 +86,8 @@ def test_logit_ratio_rejects_bad_input(arg, kwargs, error, match):
 
 
 def _opt_with_grads(inner_cls=torch.optim.SGD, **inner_kwargs):
-    model = make_model()
-    opt = PDMPOptimizer(inner_cls(model.parameters(), lr=0.1, **inner_kwargs), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    opt = PDMPOptimizer(inner_cls(model.parameters(), lr=0.1, **inner_kwargs), model.groups(), gammas=GAMMAS)
     loss_fn(model, make_batches(1)[0]).backward()
     return model, opt
 
@@ -100,7 +100,7 @@ def test_grad_norms_before_and_after_scale_grads():
     model, opt = _opt_with_grads(momentum=0.9)
     before = modality_grad_norms(opt)
     assert set(before) == {"audio", "visual"}
-    for m, params in modality_params(model).items():
+    for m, params in model.modality_params().items():
         torch.testing.assert_close(before[m], _by_hand(params))
     opt.scale_grads_()
     after = modality_grad_norms(opt, include_shared=True)
@@ -114,27 +114,28 @@ def test_grad_norms_in_lr_mode_read_the_gradients_backward_left():
     model, opt = _opt_with_grads(torch.optim.Adam)
     assert opt.mode == "lr"  # the coefficient lives in the learning rate: the gradients are never scaled
     norms = modality_grad_norms(opt)
-    for m, params in modality_params(model).items():
+    for m, params in model.modality_params().items():
         torch.testing.assert_close(norms[m], _by_hand(params))
 
 
 def test_grad_norms_skip_missing_grads_and_read_zero_for_a_modality_without_any():
     model, opt = _opt_with_grads()
-    model.audio.bias.grad = None
-    model.visual.weight.grad = None
-    model.visual.bias.grad = None
+    model.audio[0].bias.grad = None
+    model.audio[2].weight.grad = None
+    for p in model.visual.parameters():
+        p.grad = None
     norms = modality_grad_norms(opt)
-    torch.testing.assert_close(norms["audio"], model.audio.weight.grad.norm())
+    torch.testing.assert_close(norms["audio"], _by_hand([model.audio[0].weight, model.audio[2].bias]))
     assert torch.equal(norms["visual"], torch.zeros(()))
 
 
 def test_grad_norms_use_one_foreach_norm_per_modality_bucket_and_never_read_values():
-    model = make_model()
-    audio_bias = torch.nn.Parameter(model.audio.bias.detach().double())  # audio spans float32 and float64
-    params = [model.audio.weight, audio_bias, *model.visual.parameters(), *model.head.parameters()]
+    model = TwoModal()
+    audio_bias = torch.nn.Parameter(model.audio[0].bias.detach().double())  # audio spans float32 and float64
+    params = [model.audio[0].weight, audio_bias, *model.visual.parameters(), *model.head.parameters()]
     opt = PDMPOptimizer(
         torch.optim.SGD(params, lr=0.1),
-        {"audio": [model.audio.weight, audio_bias], "visual": model.visual},
+        {"audio": [model.audio[0].weight, audio_bias], "visual": model.visual},
         gammas=GAMMAS,
     )
     for p in opt.params_by_modality()["audio"] + list(model.visual.parameters()):
@@ -143,11 +144,11 @@ def test_grad_norms_use_one_foreach_norm_per_modality_bucket_and_never_read_valu
         norms = modality_grad_norms(opt)
     assert counter.calls.count("_foreach_norm") == 3  # audio: two (dtype) buckets, visual: one
     assert not any(name in counter.calls for name in ("item", "tolist", "__bool__", "__float__"))
-    torch.testing.assert_close(norms["audio"], torch.tensor(float(8 * 4 + 8)).sqrt(), check_dtype=False)
+    torch.testing.assert_close(norms["audio"], torch.tensor(float(8 * 6 + 8)).sqrt(), check_dtype=False)
 
 
 def test_grad_norms_reject_a_plain_optimizer():
-    model = make_model()
+    model = TwoModal()
     with pytest.raises(TypeError, match="needs a PDMPOptimizer"):
         modality_grad_norms(torch.optim.SGD(model.parameters(), lr=0.1))
 
@@ -197,5 +198,5 @@ def test_grad_norms_need_nothing_newer_than_the_declared_torch(monkeypatch):
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
     model, opt = _opt_with_grads()
     norms = modality_grad_norms(opt)
-    for m, params in modality_params(model).items():
+    for m, params in model.modality_params().items():
         torch.testing.assert_close(norms[m], _by_hand(params))

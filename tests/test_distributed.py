@@ -1,5 +1,6 @@
-"""DDP and FSDP2: two gloo processes on CPU, each with half of every global batch, end where one process
-with PDMP on the whole batch ends (tight tolerance: the all-reduce sums in another order).
+"""DDP and FSDP2: two gloo processes on CPU, each with half of every global batch, end where one process on the
+whole batch ends with the reference loop of ``pdmp_optim.reference`` on a plain optimizer (tight tolerance: the
+all-reduce sums in another order).
 
 The module spawns its two processes once and runs every variant in them; the parent computes the
 single-process reference and compares.
@@ -16,11 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _integration_util import GAMMAS, free_port, groups, loss_fn, make_batches, make_model
+from _helpers import GAMMAS, TwoModal, free_port, loss_fn, make_batches, reference_scale_grads
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.diagnostics import modality_grad_norms
+from pdmp_optim.reference import reference_grad_step, reference_lr_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -34,7 +36,7 @@ def make_optimizer(model, variant: str) -> PDMPOptimizer:
         inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     else:
         inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    opt = PDMPOptimizer(inner, groups(model), gammas=GAMMAS)
+    opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS)
     assert opt.mode == ("lr" if variant == "lr" else "grad")
     return opt
 
@@ -62,24 +64,38 @@ def train_step(model, opt, batches, variant: str, no_sync=None) -> None:
 
 
 def reference_params(variant: str) -> dict[str, torch.Tensor]:
-    """One process, the whole global batch, PDMP."""
-    model = make_model()
-    opt = make_optimizer(model, variant)
+    """One process, the whole global batch, a plain optimizer stepped by the reference twin."""
+    model = TwoModal()
+    if variant == "lr":  # the groups lr mode splits Adam's single group into
+        modules = (model.audio, model.visual, model.head)
+        opt = torch.optim.Adam([{"params": m.parameters()} for m in modules], lr=1e-2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     accum = 2 if variant == "grad-accum" else 1
-    batches = make_batches(STEPS * accum, batch=GLOBAL_BATCH)
+    batches = make_batches(STEPS * accum, n=GLOBAL_BATCH)
     for step in range(STEPS):
-        train_step(model, opt, batches[step * accum : (step + 1) * accum], variant)
+        opt.zero_grad()
+        for batch in batches[step * accum : (step + 1) * accum]:
+            (loss_fn(model, batch) / accum).backward()
+        if variant == "lr":
+            reference_lr_step(opt, [GAMMAS["audio"], GAMMAS["visual"], 1.0])
+        elif variant == "grad-clip":
+            reference_scale_grads(model)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            opt.step()
+        else:
+            reference_grad_step(opt, model.modality_params(), GAMMAS)
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def ddp_section(rank: int) -> dict[str, dict[str, torch.Tensor]]:
     results = {}
     for variant in DDP_VARIANTS:
-        model = make_model()
+        model = TwoModal()
         ddp = DDP(model)
         opt = make_optimizer(model, variant)  # DDP shares the module's parameters
         accum = 2 if variant == "grad-accum" else 1
-        batches = [local_part(b, rank, WORLD) for b in make_batches(STEPS * accum, batch=GLOBAL_BATCH)]
+        batches = [local_part(b, rank, WORLD) for b in make_batches(STEPS * accum, n=GLOBAL_BATCH)]
         for step in range(STEPS):
             train_step(ddp, opt, batches[step * accum : (step + 1) * accum], variant, no_sync=ddp.no_sync)
         results[variant] = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -94,13 +110,13 @@ def fsdp_section(rank: int) -> dict[str, dict[str, torch.Tensor]]:
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
     for variant in FSDP_VARIANTS:
-        model = make_model()
+        model = TwoModal()
         for module in (model.audio, model.visual, model.head):
             fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         opt = make_optimizer(model, variant)
-        batches = [local_part(b, rank, WORLD) for b in make_batches(STEPS, batch=GLOBAL_BATCH)]
+        batches = [local_part(b, rank, WORLD) for b in make_batches(STEPS, n=GLOBAL_BATCH)]
         for step in range(STEPS):
             if step == 0 and variant == "grad":
                 # the diagnostics work on DTensor gradient shards: read them with .full_tensor()
@@ -111,7 +127,7 @@ def fsdp_section(rank: int) -> dict[str, dict[str, torch.Tensor]]:
                 opt.scale_grads_()
                 after = {m: n.full_tensor() for m, n in modality_grad_norms(opt).items()}
                 full = {m: torch.cat([p.grad.full_tensor().flatten() for p in mod.parameters()]).norm()
-                        for m, mod in groups(model).items()}  # fmt: skip
+                        for m, mod in model.groups().items()}  # fmt: skip
                 results["norms"] = {"before": before, "after": after, "full": full}
                 opt.step()
                 continue
@@ -171,7 +187,7 @@ def assert_close_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(ranks):
     ranks = section(ranks, "ddp")
-    initial = dict(make_model().named_parameters())
+    initial = dict(TwoModal().named_parameters())
     for variant in DDP_VARIANTS:
         want = reference_params(variant)
         for rank, results in enumerate(ranks):

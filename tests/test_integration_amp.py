@@ -10,15 +10,7 @@ import copy
 
 import pytest
 import torch
-from _integration_util import (
-    GAMMAS,
-    assert_same_params,
-    groups,
-    loss_fn,
-    make_batches,
-    make_model,
-    scale_grads_reference,
-)
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads
 
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.reference import reference_lr_step
@@ -40,8 +32,8 @@ def sgd(params) -> torch.optim.SGD:
 
 
 def pdmp_amp_run(batches, clip: float | None = None, scale_before_clip: bool = True):
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
     amp = scaler()
     for batch in batches:
         opt.zero_grad()
@@ -59,7 +51,7 @@ def pdmp_amp_run(batches, clip: float | None = None, scale_before_clip: bool = T
 
 
 def reference_amp_run(batches, clip: float | None = None, scale_before_clip: bool = True):
-    model = make_model()
+    model = TwoModal()
     opt = sgd(model.parameters())
     amp = scaler()
     for batch in batches:
@@ -72,7 +64,7 @@ def reference_amp_run(batches, clip: float | None = None, scale_before_clip: boo
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
         if grads_finite:
-            scale_grads_reference(model)
+            reference_scale_grads(model)
         if clip is not None and scale_before_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         amp.step(opt)
@@ -93,8 +85,8 @@ def test_grad_scaler_equals_plain_fp32_pdmp_without_a_scaler():
     # plain ones: PDMP must see exactly what it would see without a scaler
     batches = make_batches(STEPS)
     model, _, _ = pdmp_amp_run(batches)
-    plain = make_model()
-    opt = PDMPOptimizer(sgd(plain.parameters()), groups(plain), gammas=GAMMAS)
+    plain = TwoModal()
+    opt = PDMPOptimizer(sgd(plain.parameters()), plain.groups(), gammas=GAMMAS)
     for batch in batches:
         opt.zero_grad()
         with autocast():
@@ -110,8 +102,8 @@ def test_step_with_inf_gradients_is_skipped_and_training_continues():
     bad[0][0, 0] = float("inf")
     with_bad = [batches[0], bad, *batches[2:]]
 
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
     amp = scaler()
     for i, batch in enumerate(with_bad):
         opt.zero_grad()
@@ -150,8 +142,8 @@ def test_unscale_then_clip_then_step(scale_before_clip):
 
 def test_grad_scaler_with_adam_in_lr_mode():
     batches = make_batches(STEPS)
-    model = make_model()
-    opt = PDMPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    opt = PDMPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model.groups(), gammas=GAMMAS)
     assert opt.mode == "lr"
     # lr mode splits the single param group into audio, visual and shared (head) groups, in that order
     assert [g["params"] for g in opt.param_groups] == [
@@ -161,7 +153,7 @@ def test_grad_scaler_with_adam_in_lr_mode():
     ]
     amp = scaler()
 
-    ref = make_model()
+    ref = TwoModal()
     ref_opt = torch.optim.Adam(
         [{"params": ref.audio.parameters()}, {"params": ref.visual.parameters()}, {"params": ref.head.parameters()}],
         lr=1e-2,

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _integration_util import (
-    GAMMAS,
-    assert_same_params,
-    groups,
-    loss_fn,
-    make_batches,
-    make_model,
-    modality_params,
-    scale_grads_reference,
-)
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads
 
 from pdmp_optim import PDMPOptimizer
 from pdmp_optim.reference import reference_grad_step, reference_lr_step
@@ -40,10 +31,10 @@ def record_step_grad_norms(inner: torch.optim.Optimizer) -> list[torch.Tensor]:
 @pytest.mark.parametrize("order", ["scale-clip-step", "clip-step"])
 def test_clipping_equals_the_reference_bit_for_bit(order):
     batches = make_batches(STEPS)
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
     seen = record_step_grad_norms(opt.optimizer)
-    ref = make_model()
+    ref = TwoModal()
     ref_opt = sgd(ref.parameters())
     for batch in batches:
         opt.zero_grad()
@@ -56,11 +47,11 @@ def test_clipping_equals_the_reference_bit_for_bit(order):
         ref_opt.zero_grad()
         loss_fn(ref, batch).backward()
         if order == "scale-clip-step":
-            scale_grads_reference(ref)
+            reference_scale_grads(ref)
             torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
         else:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
-            scale_grads_reference(ref)
+            reference_scale_grads(ref)
         ref_opt.step()
     assert_same_params(model, ref)
     assert len(seen) == STEPS
@@ -74,9 +65,9 @@ def test_clipping_equals_the_reference_bit_for_bit(order):
 
 def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
     batches = make_batches(2)
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
-    ref = make_model()
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
+    ref = TwoModal()
     ref_opt = sgd(ref.parameters())
     for batch in batches:
         opt.zero_grad()
@@ -86,7 +77,7 @@ def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
         opt.step()
         ref_opt.zero_grad()
         loss_fn(ref, batch).backward()
-        reference_grad_step(ref_opt, modality_params(ref), GAMMAS)
+        reference_grad_step(ref_opt, ref.modality_params(), GAMMAS)
     assert_same_params(model, ref)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)  # the gradients left behind were multiplied exactly once
@@ -95,10 +86,10 @@ def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
 def test_accumulation_scales_once_per_step(k, set_to_none):
-    micro = make_batches(STEPS * k, batch=4)
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
-    ref = make_model()
+    micro = make_batches(STEPS * k, n=4)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
+    ref = TwoModal()
     ref_opt = sgd(ref.parameters())
     for step in range(STEPS):
         opt.zero_grad(set_to_none=set_to_none)
@@ -107,7 +98,7 @@ def test_accumulation_scales_once_per_step(k, set_to_none):
             (loss_fn(model, batch) / k).backward()
             (loss_fn(ref, batch) / k).backward()
         opt.step()
-        reference_grad_step(ref_opt, modality_params(ref), GAMMAS)
+        reference_grad_step(ref_opt, ref.modality_params(), GAMMAS)
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad)
     assert_same_params(model, ref)
@@ -115,10 +106,10 @@ def test_accumulation_scales_once_per_step(k, set_to_none):
 
 def test_accumulation_with_scale_clip_step():
     k = 2
-    micro = make_batches(STEPS * k, batch=4)
-    model = make_model()
-    opt = PDMPOptimizer(sgd(model.parameters()), groups(model), gammas=GAMMAS)
-    ref = make_model()
+    micro = make_batches(STEPS * k, n=4)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
+    ref = TwoModal()
     ref_opt = sgd(ref.parameters())
     for step in range(STEPS):
         opt.zero_grad()
@@ -129,7 +120,7 @@ def test_accumulation_with_scale_clip_step():
         opt.scale_grads_()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
-        scale_grads_reference(ref)
+        reference_scale_grads(ref)
         torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
         ref_opt.step()
     assert_same_params(model, ref)
@@ -137,10 +128,10 @@ def test_accumulation_with_scale_clip_step():
 
 def test_accumulation_in_lr_mode():
     k = 3
-    micro = make_batches(STEPS * k, batch=4)
-    model = make_model()
-    opt = PDMPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), groups(model), gammas=GAMMAS)
-    ref = make_model()
+    micro = make_batches(STEPS * k, n=4)
+    model = TwoModal()
+    opt = PDMPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model.groups(), gammas=GAMMAS)
+    ref = TwoModal()
     ref_opt = torch.optim.AdamW(
         [{"params": ref.audio.parameters()}, {"params": ref.visual.parameters()}, {"params": ref.head.parameters()}],
         lr=1e-2,

@@ -12,15 +12,7 @@ import pytest
 pl = pytest.importorskip("lightning.pytorch", reason="needs the [lightning] extra: pip install 'pdmp-optim[lightning]'")
 
 import torch  # noqa: E402
-from _integration_util import (  # noqa: E402
-    GAMMAS,
-    assert_same_params,
-    groups,
-    loss_fn,
-    make_batches,
-    make_model,
-    scale_grads_reference,
-)
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from pdmp_optim import PDMPOptimizer  # noqa: E402
@@ -35,7 +27,7 @@ def sgd(params) -> torch.optim.SGD:
 class PDMPModule(pl.LightningModule):
     def __init__(self, gammas: dict[str, float] = GAMMAS, scale_before_clip: bool = False) -> None:
         super().__init__()
-        self.model = make_model()
+        self.model = TwoModal()
         self.gammas = gammas
         self.scale_before_clip = scale_before_clip
 
@@ -43,7 +35,7 @@ class PDMPModule(pl.LightningModule):
         return loss_fn(self.model, batch)
 
     def configure_optimizers(self):
-        return PDMPOptimizer(sgd(self.model.parameters()), groups(self.model), gammas=self.gammas)
+        return PDMPOptimizer(sgd(self.model.parameters()), self.model.groups(), gammas=self.gammas)
 
     def on_before_optimizer_step(self, optimizer):
         if self.scale_before_clip:
@@ -51,7 +43,7 @@ class PDMPModule(pl.LightningModule):
 
 
 def loader(steps: int = STEPS, micro: int = 1) -> DataLoader:
-    batches = make_batches(steps * micro, batch=8 // micro)
+    batches = make_batches(steps * micro, n=8 // micro)
     return DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*batches, strict=True))), batch_size=8 // micro)
 
 
@@ -70,16 +62,16 @@ def trainer(max_steps: int = STEPS, **kwargs) -> pl.Trainer:
 
 
 def reference(steps: int = STEPS, clip: str | None = None, micro: int = 1):
-    model = make_model()
+    model = TwoModal()
     opt = sgd(model.parameters())
-    batches = make_batches(steps * micro, batch=8 // micro)
+    batches = make_batches(steps * micro, n=8 // micro)
     for step in range(steps):
         opt.zero_grad()
         for batch in batches[step * micro : (step + 1) * micro]:
             (loss_fn(model, batch) / micro).backward()
         if clip == "clip-scale":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        scale_grads_reference(model)
+        reference_scale_grads(model)
         if clip == "scale-clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
@@ -125,10 +117,10 @@ def test_checkpoint_resume_restores_pdmp_state(tmp_path):
     first_trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["optimizer_states"][0]
     assert saved["pdmp"]["gammas"] == GAMMAS
-    assert saved["pdmp"]["modalities"] == {"audio": [0, 1], "visual": [2, 3]}  # state-dict parameter ids
+    assert saved["pdmp"]["modalities"] == {"audio": [0, 1, 2, 3], "visual": [4, 5]}  # state-dict parameter ids
 
     resumed = PDMPModule()
-    resumed.model = make_model(seed=123)  # different weights: everything must come from the checkpoint
+    resumed.model = TwoModal(seed=123)  # different weights: everything must come from the checkpoint
     trainer().fit(resumed, loader(1), ckpt_path=path)
     assert_same_params(resumed.model, whole.model)
     assert resumed.optimizers().optimizer.gammas == GAMMAS
@@ -137,9 +129,10 @@ def test_checkpoint_resume_restores_pdmp_state(tmp_path):
     weights_only = PDMPModule()
     weights_only.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
     trainer(max_steps=2).fit(weights_only, loader(1))
-    assert not torch.equal(weights_only.model.audio.weight, whole.model.audio.weight)
+    assert not torch.equal(weights_only.model.audio[0].weight, whole.model.audio[0].weight)
 
-    # the PDMP configuration travels in the checkpoint: resuming with other gammas is refused
+    # the gammas travel in the checkpoint: a module built with others resumes with the checkpoint's
     other = PDMPModule(gammas={"audio": 1.0, "visual": 15.0})
-    with pytest.raises(ValueError, match="checkpoint was saved with PDMP gammas"):
-        trainer().fit(other, loader(1), ckpt_path=path)
+    trainer().fit(other, loader(1), ckpt_path=path)
+    assert other.optimizers().optimizer.gammas == GAMMAS
+    assert_same_params(other.model, whole.model)
