@@ -1,6 +1,6 @@
 """One step equals the inner optimizer's step on gamma-multiplied gradients, bit for bit on CPU, for any shapes,
-any gamma > 0, any param-group layout, parameters with ``grad is None`` skipped; in lr mode it equals the step with
-each modality's lr multiplied, param groups that mix modalities split into one group per modality."""
+any gamma > 0, any param-group layout, parameters with ``grad is None`` skipped; in lr mode it equals
+``reference_lr_step`` (each modality's lr multiplied) on param groups split into one group per modality."""
 
 from __future__ import annotations
 
