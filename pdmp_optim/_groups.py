@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_name
 
-__all__ = ["GroupSpec", "Layout", "modality_of", "split_param_groups", "split_saved_groups"]
+__all__ = ["GroupSpec", "Layout", "merge_saved_groups", "modality_of", "split_param_groups", "split_saved_groups"]
 
 Layout = list[list[list[int]]]  # per original group, the positions (in it) of the parameters of each part
 
@@ -105,6 +105,43 @@ def split_saved_groups(state_dict: Mapping[str, Any], layout: Layout) -> dict[st
                 part["param_names"] = [group["param_names"][i] for i in indices]
             groups.append(part)
     return {**state_dict, "param_groups": groups}
+
+
+def merge_saved_groups(state_dict: dict[str, Any], layout: Layout) -> tuple[dict[str, Any], dict[int, int]] | None:
+    """The inverse of :func:`split_saved_groups`: the state dict the unsplit optimizer would have saved, and how the
+    parameter ids were renumbered; ``None`` if the parts of a group no longer share their settings."""
+    saved, groups, start = state_dict["param_groups"], [], 0
+    if sum(map(len, layout)) != len(saved):
+        return None
+    for parts in layout:
+        chunk, start = saved[start : start + len(parts)], start + len(parts)
+        if any(not _same_settings(chunk[0], other) for other in chunk[1:]):
+            return None
+        merged = {**chunk[0]}
+        for key in ("params", "param_names"):
+            if key in chunk[0]:
+                merged[key] = [None] * sum(map(len, parts))
+                for group, indices in zip(chunk, parts, strict=True):
+                    for index, value in zip(indices, group[key], strict=True):
+                        merged[key][index] = value
+        groups.append(merged)
+    renumber: dict[int, int] = {}  # as Optimizer.state_dict numbers them: by first appearance
+    for group in groups:
+        for index in group["params"]:
+            renumber.setdefault(index, len(renumber))
+    groups = [{**group, "params": [renumber[i] for i in group["params"]]} for group in groups]
+    state = {renumber[i]: entry for i, entry in state_dict["state"].items() if i in renumber}
+    return {**state_dict, "state": state, "param_groups": groups}, renumber
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = (set(a) | set(b)) - {"params", "param_names"}
+    return all(
+        torch.equal(a[k], b[k])
+        if isinstance(a.get(k), Tensor) and isinstance(b.get(k), Tensor)
+        else a.get(k) == b.get(k)
+        for k in keys
+    )
 
 
 def _owned_params(modality: str, spec: Any, owned: set[Tensor]) -> list[Tensor]:

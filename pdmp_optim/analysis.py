@@ -84,7 +84,9 @@ def analyze_modalities(
     ``UserWarning``) flag near ties and disagreeing runs. Use ``seeds >= 3`` to get that readout.
 
     Args:
-        encoders, train_batches, eval_batches: as for :func:`unimodal_histories`.
+        encoders: as for :func:`unimodal_histories`.
+        train_batches: as for :func:`unimodal_histories`.
+        eval_batches: as for :func:`unimodal_histories`.
         higher_is_better: ``False`` when ``metric`` is a loss (passed to :func:`~pdmp_optim.rank_modalities`).
         early_epoch: which epoch's score counts as early (passed to :func:`~pdmp_optim.rank_modalities`).
         warn: emit one ``UserWarning`` when the ranking has notes (ties, near ties, disagreeing runs).

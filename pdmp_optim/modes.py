@@ -115,7 +115,7 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
                 "scale are not the ones its inner optimizer reads; use mode='update' (or 'auto')"
             )
         reason = _LR_WRONG.get(type(base).__name__)
-        if reason is not None and type(base) is getattr(torch.optim, type(base).__name__):
+        if reason is not None and type(base) is getattr(torch.optim, type(base).__name__, None):
             _warn(f"mode='lr' with {name}: it {reason}, so its update is not multiplied by gamma; use mode='update'")
     return mode, "explicit"  # type: ignore[return-value]
 

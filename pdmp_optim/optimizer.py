@@ -29,7 +29,7 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hoo
 from . import _hooked
 from ._apply import multiply_grads_, multiply_updates_, snapshot
 from ._checks import check_gamma, check_gammas
-from ._groups import GroupSpec, modality_of, split_param_groups, split_saved_groups
+from ._groups import GroupSpec, merge_saved_groups, modality_of, split_param_groups, split_saved_groups
 from ._lr import (
     compensates_decay,
     keeps_momentum_in_gamma_units,
@@ -170,7 +170,7 @@ class PDMPOptimizer(Optimizer):
         self._plan_for_step()
         # SGD in "lr" mode keeps momentum in 1/gamma units; hooks on the inner optimizer convert its state dicts
         self._gamma_units = self._mode == "lr" and keeps_momentum_in_gamma_units(optimizer)
-        self._register_unit_hooks()
+        self._register_inner_hooks()
 
     # ----------------------------------------------------------------------------------------- the protocol
     @property
@@ -346,13 +346,20 @@ class PDMPOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"pdmp"``: mode, gammas and each modality's parameter ids.
 
-        The ids are the ones the inner state dict uses for its ``"params"``. All plain data, loadable with
+        It has the layout and units of the optimizer you built: param groups that ``"lr"`` mode split are merged
+        back (while their parts share their settings) and SGD's momentum is in standard units, so a plain optimizer
+        or another mode loads it. The ids are the ones its ``"params"`` use. All plain data, loadable with
         ``torch.load(..., weights_only=True)``.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._optimizer.state_dict()
-        state_dict[_STATE_KEY] = self._config()
+        config = self._config()
+        merged = None if self._layout is None else merge_saved_groups(state_dict, self._layout)
+        if merged is not None:
+            state_dict, renumber = merged
+            config["modalities"] = {m: [renumber[i] for i in ids] for m, ids in config["modalities"].items()}
+        state_dict[_STATE_KEY] = config
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -373,19 +380,14 @@ class PDMPOptimizer(Optimizer):
             if result is not None:
                 loaded = result
         config = loaded.pop(_STATE_KEY, None)
-        gammas = self._gammas if config is None else self._check_config(config)
-        if (
-            config is None
-            and self._layout is not None
-            and len(loaded.get("param_groups", [])) != len(self.param_groups)
-        ):
-            loaded = split_saved_groups(loaded, self._layout) or loaded  # a plain run's checkpoint, before the split
+        loaded = self._split_saved_groups(self._optimizer, loaded) or loaded  # the layout of the optimizer you built
         saved_groups = loaded.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}; "
-                "was it saved from an optimizer with the same param groups (and the same PDMP mode)?"
+                "was it saved from an optimizer built over the same param groups?"
             )
+        gammas = self._gammas if config is None else self._check_config(config, loaded)
         self._refuse_while_marked("load a state dict")
         current, self._gammas, self._plan = self._gammas, gammas, None  # the units hook converts with these gammas
         try:
@@ -409,7 +411,7 @@ class PDMPOptimizer(Optimizer):
         self._mark = None
         self._init_hook_dicts()
         self._patch_step_function()
-        self._register_unit_hooks()  # the inner optimizer's copy dropped them, as torch drops all optimizer hooks
+        self._register_inner_hooks()  # the inner optimizer's copy dropped them, as torch drops all optimizer hooks
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
@@ -424,10 +426,19 @@ class PDMPOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
 
-    def _register_unit_hooks(self) -> None:
+    def _register_inner_hooks(self) -> None:
+        """Hooks on the inner optimizer, so that its own ``load_state_dict`` takes the wrapper's state dicts (the
+        layout you built) and SGD's state dicts show momentum in standard units, whichever path loads or saves."""
+        if self._layout is not None and hasattr(self._optimizer, "_optimizer_load_state_dict_pre_hooks"):
+            self._optimizer.register_load_state_dict_pre_hook(self._split_saved_groups)
         if self._gamma_units:
             self._optimizer.register_state_dict_post_hook(self._momentum_to_standard)
             self._optimizer.register_load_state_dict_post_hook(self._momentum_to_internal)
+
+    def _split_saved_groups(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        if self._layout is None or len(state_dict.get("param_groups", [])) == len(self.param_groups):
+            return None
+        return split_saved_groups(state_dict, self._layout)
 
     def _momentum_to_standard(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         return momentum_to_standard(state_dict, self.param_groups, self._group_gamma)
@@ -451,7 +462,7 @@ class PDMPOptimizer(Optimizer):
                     modalities[modality].append(index)
         return {"format": _FORMAT, "mode": self._mode, "gammas": dict(self._gammas), "modalities": modalities}
 
-    def _check_config(self, config: Any) -> dict[str, float]:
+    def _check_config(self, config: Any, loaded: Mapping[str, Any]) -> dict[str, float]:
         """The gammas of a saved ``"pdmp"`` entry, after checking that it describes this optimizer's modalities."""
         if not isinstance(config, Mapping) or config.get("format") not in (1, _FORMAT):
             found = config.get("format") if isinstance(config, Mapping) else type(config).__name__
@@ -459,8 +470,14 @@ class PDMPOptimizer(Optimizer):
                 f"the checkpoint's 'pdmp' entry has format {found!r}; this pdmp-optim reads formats 1 and {_FORMAT}. "
                 "Save it again with this version, or load only the inner state with opt.optimizer.load_state_dict()"
             )
-        mine = self._config()["modalities"]
-        theirs = {m: list(ids) for m, ids in dict(config.get("modalities", {})).items()}
+        saved_params = [g.get("params", []) for g in loaded.get("param_groups", [])]
+        param_of = {
+            i: p
+            for ids, g in zip(saved_params, self.param_groups, strict=True)
+            for i, p in zip(ids, g["params"], strict=False)
+        }  # sizes are torch's to check
+        mine = {m: sorted(i for i, p in param_of.items() if self._modality_of.get(p) == m) for m in self._gammas}
+        theirs = {m: sorted(ids) for m, ids in dict(config.get("modalities", {})).items()}
         if mine != theirs:
             raise ValueError(
                 f"checkpoint was saved with parameters per modality {theirs}, this optimizer has {mine}; build "

@@ -1,8 +1,9 @@
 """A slow, obviously-right twin of :class:`~pdmp_optim.PDMPOptimizer`, for tests and for reading.
 
 It does exactly what the paper says, one tensor at a time: multiply every gradient of modality ``m`` by
-``gamma[m]`` (``"grad"`` mode), or every learning rate of a group holding only modality ``m`` (``"lr"`` mode), or
-the step itself (``"update"`` mode), around the plain optimizer's ``step()``. The tests check the fast wrapper
+``gamma[m]`` (``"grad"`` mode), or every learning rate of a group holding only modality ``m`` (``"lr"`` mode, with
+SGD's and decoupled weight decay divided by it), or the step itself (``"update"`` mode), around the plain
+optimizer's ``step()``. The tests check the fast wrapper
 against it.
 
 >>> import torch
@@ -37,13 +38,28 @@ def reference_grad_step(
 
 
 def reference_lr_step(optimizer: Optimizer, group_gammas: Sequence[float]) -> None:
-    """Multiply group ``i``'s learning rate by ``group_gammas[i]``, step, and put the old value back."""
-    saved = [group["lr"] for group in optimizer.param_groups]
+    """Multiply group ``i``'s learning rate by ``group_gammas[i]``, step, and put the old value back.
+
+    Where the weight decay is SGD's or decoupled (AdamW, ``decoupled_weight_decay=True``, Muon) it is divided by the
+    same gamma for the step, so that SGD takes grad mode's step and a decoupled decay stays as set.
+    """
+    saved = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
     for group, gamma in zip(optimizer.param_groups, group_gammas, strict=True):
         group["lr"] = group["lr"] * gamma
+        if _decay_follows_lr(optimizer, group):
+            group["weight_decay"] = group["weight_decay"] / gamma
     optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved, strict=True):
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, saved, strict=True):
         group["lr"] = lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+
+
+def _decay_follows_lr(optimizer: Optimizer, group: dict) -> bool:
+    if "weight_decay" not in group:
+        return False
+    decoupled = group.get("decoupled_weight_decay") or type(optimizer).__name__ == "Muon"
+    return type(optimizer) is torch.optim.SGD or bool(decoupled)
 
 
 def reference_update_step(

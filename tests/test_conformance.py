@@ -802,8 +802,12 @@ def test_named_parameters_keep_their_names_through_split_step_and_resume(case: C
         _step_both(case, opt, model, twin, t)
     assert_same_params(model, twin.model, _exact(opt.mode))
     saved = copy.deepcopy(opt.state_dict())
-    for group, saved_group in zip(opt.param_groups, saved["param_groups"], strict=True):
-        assert saved_group["param_names"] == group["param_names"]
+    # the state dict has the layout of the optimizer the user built ("lr" mode's split groups merged back)
+    built = case.inner(case.model(), named=True) if "named" in case.inner.__code__.co_varnames else None
+    expected = [n for n, _ in model.named_parameters()]
+    assert [n for g in saved["param_groups"] for n in g["param_names"]] == expected
+    if built is not None:
+        assert [g["param_names"] for g in saved["param_groups"]] == [g["param_names"] for g in built.param_groups]
     resumed_model, resumed = _build(case, GAMMAS, named=True)
     resumed_model.load_state_dict(model.state_dict())
     resumed.load_state_dict(saved)
