@@ -17,13 +17,17 @@ Cases:
    ``bare`` (the inner step, no modulation), ``floor`` (one hand-written ``torch._foreach_mul_`` per modality
    on pre-collected gradient lists, then the inner step), ``pdmp`` (``PDMPOptimizer.step()``; for AdamW its
    default ``"lr"`` mode and, as ``pdmp_grad``, ``mode="grad"``) and ``research`` (the loop over
-   ``named_parameters`` with ``p.grad = p.grad * coeff`` that research code uses).
+   ``named_parameters`` with ``p.grad = p.grad * coeff`` that research code uses); for SGD also ``pdmp_lr``
+   (``mode="lr"``: ``lr * gamma`` and ``weight_decay / gamma`` for the step, no pass over the gradients).
 2. ``scaling_params``: ``pdmp`` / ``floor`` / ``bare`` from 1M to 100M parameters (ResNet-18 trunks of growing
    width, so the tensor count stays fixed and tensors grow).
 3. ``scaling_modalities``: 2 to 8 modalities at a fixed total size; PDMP's bucket count is reported.
 4. ``train_step``: a whole training step (forward, backward, step, zero_grad) unmodulated, with
-   ``PDMPOptimizer`` in ``"grad"`` mode, and with the backward-hook mode of :mod:`pdmp_optim.backward`.
-5. ``compile``: ``torch.compile``'d step vs the eager step, for the bare optimizer and for PDMP.
+   ``PDMPOptimizer`` in ``"grad"`` and ``"lr"`` mode, and with the backward-hook mode of :mod:`pdmp_optim.backward`.
+5. ``compile``: ``torch.compile`` around the function that calls ``opt.step()``, for the bare optimizer and PDMP
+   in each mode, per optimizer, with the graph and graph-break counts and a check for steady-state recompiles.
+
+``--device cuda`` runs the same tables on a GPU (timings synchronise the device); without one it says so and exits.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +55,7 @@ from pdmp_optim import PDMPOptimizer
 from pdmp_optim.backward import scale_encoder_grads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device("cpu")  # --device sets it
 GAMMA_P = 15.0
 CAVEAT = (
     "Measured on a shared, noisy machine (other processes were running; see load averages). Absolute times "
@@ -181,11 +187,18 @@ def alternate(
         for name in names[shift:] + names[:shift]:
             reset()
             fn = variants[name]
+            _sync()
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
+            _sync()
             times[name].append((time.perf_counter() - start) / steps)
     return times
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def paired_ratios(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
@@ -214,12 +227,12 @@ class StepBench:
     """Shared parameters and gradients, one optimizer per variant, gradients restored before each sample."""
 
     def __init__(self, model: MultiModalNet, seed: int = 0) -> None:
-        self.model = model
+        self.model = model.to(DEVICE)
         self.params = [p for p in model.parameters()]
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.params:
-                p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+                p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(DEVICE)
         self.grads = [p.grad for p in self.params]
         self.saved = [g.clone() for g in self.grads]
         self.modalities = list(model.encoders)
@@ -280,15 +293,23 @@ OPTIMIZER_LABELS = {
 def step_case(bench: StepBench, kind: str, rounds: int, with_research: bool = True) -> dict[str, Any]:
     dominant = bench.modalities[-1]
     opt_pdmp = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, gamma_p=GAMMA_P)
-    gammas = opt_pdmp.gammas
+    gammas = dict(opt_pdmp.gammas)
     variants: dict[str, Callable[[], Any]] = {
         "bare": make_optimizer(kind, bench.params).step,
         "floor": bench.floor(make_optimizer(kind, bench.params), gammas),
         "pdmp": opt_pdmp.step,
     }
     pairs = [("pdmp", "floor"), ("pdmp", "bare"), ("floor", "bare")]
+    if opt_pdmp.mode == "grad":  # SGD: the hyperparameter twin, no pass over the gradients
+        lr_mode = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, mode="lr")
+        variants["pdmp_lr"] = lr_mode.step
+        pairs += [("pdmp_lr", "bare"), ("pdmp_lr", "pdmp")]
     if opt_pdmp.mode == "lr":
-        grad_mode = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, mode="grad")
+        with warnings.catch_warnings():  # it warns that grad mode barely changes AdamW: that is what this row shows
+            warnings.simplefilter("ignore", UserWarning)
+            grad_mode = PDMPOptimizer(
+                make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, mode="grad"
+            )
         variants["pdmp_grad"] = grad_mode.step
         pairs += [("pdmp_grad", "floor"), ("pdmp_grad", "bare")]
     if with_research:
@@ -356,8 +377,8 @@ def run_scaling_modalities(quick: bool) -> list[dict[str, Any]]:
                 "modalities": count,
                 "n_params": sum(p.numel() for p in bench.params),
                 "n_tensors": len(bench.params),
-                "pdmp_buckets": len(pdmp._buckets),
-                "pdmp_distinct_buckets": len(pdmp_distinct._buckets),
+                "pdmp_buckets": len({g for g in pdmp.gammas.values() if g != 1.0}),  # one dtype, one device
+                "pdmp_distinct_buckets": len({g for g in pdmp_distinct.gammas.values() if g != 1.0}),
                 "steps_per_sample": steps,
                 "median_ms": median_ms(times),
                 "ratios": paired_ratios(
@@ -375,14 +396,18 @@ def run_scaling_modalities(quick: bool) -> list[dict[str, Any]]:
 def train_case(
     name: str, model: MultiModalNet, inputs: dict[str, Tensor], rounds: int, target_s: float = 0.05
 ) -> dict[str, Any]:
-    """Whole training step: unmodulated vs PDMPOptimizer("grad") vs backward hooks, on identical copies."""
+    """Whole training step: unmodulated vs PDMPOptimizer "grad" and "lr" mode vs backward hooks, on identical copies."""
     target = torch.randint(0, 6, (next(iter(inputs.values())).shape[0],), generator=torch.Generator().manual_seed(0))
     dominant = list(model.encoders)[-1]
-    models = {key: copy.deepcopy(model) for key in ("unmodulated", "grad", "hook")}
+    model = model.to(DEVICE)
+    inputs = {m: x.to(DEVICE) for m, x in inputs.items()}
+    target = target.to(DEVICE)
+    models = {key: copy.deepcopy(model) for key in ("unmodulated", "grad", "lr", "hook")}
     opts: dict[str, torch.optim.Optimizer] = {
         key: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4) for key, m in models.items()
     }
     opts["grad"] = PDMPOptimizer(opts["grad"], dict(models["grad"].encoders.items()), dominant=dominant, mode="grad")
+    opts["lr"] = PDMPOptimizer(opts["lr"], dict(models["lr"].encoders.items()), dominant=dominant, mode="lr")
     hooks = scale_encoder_grads(dict(models["hook"].encoders.items()), opts["grad"].gammas)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -411,13 +436,15 @@ def train_case(
         "rounds": rounds,
         "steps_per_sample": steps,
         "median_ms": median_ms(times),
-        "ratios": paired_ratios(times, [("grad", "unmodulated"), ("hook", "unmodulated"), ("hook", "grad")]),
+        "ratios": paired_ratios(
+            times, [("grad", "unmodulated"), ("lr", "unmodulated"), ("hook", "unmodulated"), ("hook", "grad")]
+        ),
         "added_us": {
             f"{key}-unmodulated": {
                 k: (v * 1e6 if k != "n" else v)
                 for k, v in summarize([a - b for a, b in zip(times[key], times["unmodulated"], strict=True)]).items()
             }
-            for key in ("grad", "hook")
+            for key in ("grad", "lr", "hook")
         },
     }
 
@@ -455,65 +482,74 @@ def run_hook_cost(quick: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- compile
+COMPILE_MODES = {"sgd": ("grad", "lr"), "sgd-foreach": ("grad", "lr"), "adamw": ("lr",)}
+
+
 def run_compile(quick: bool) -> dict[str, Any]:
+    """``torch.compile`` around the function that calls ``opt.step()``, bare and PDMP in each mode, per optimizer."""
     if quick:
         return {"status": "skipped", "reason": "--quick"}
-    torch._dynamo.reset()
     bench = StepBench(resnet_pair(64))
-    kind = "sgd-foreach"
-    eager_bare = make_optimizer(kind, bench.params)
-    eager_pdmp = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant="visual")
-    comp_bare_opt = make_optimizer(kind, bench.params)
-    comp_pdmp_opt = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant="visual")
+    cases = []
+    for kind, modes in COMPILE_MODES.items():
+        torch._dynamo.reset()
+        try:
+            cases.append(compile_case(bench, kind, modes, rounds=20))
+        except Exception as exc:  # report honestly, do not hide it
+            cases.append({"optimizer": kind, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                          "traceback": traceback.format_exc()})  # fmt: skip
+    status = "ok" if all(c.get("status") == "ok" for c in cases) else "failed"
+    return {"status": status, "n_params": sum(p.numel() for p in bench.params), "cases": cases}
 
-    @torch.compile
-    def compiled_bare() -> None:
-        comp_bare_opt.step()
 
-    @torch.compile
-    def compiled_pdmp() -> None:
-        comp_pdmp_opt.step()
+def compile_case(bench: StepBench, kind: str, modes: tuple[str, ...], rounds: int) -> dict[str, Any]:
+    dominant = bench.modalities[-1]
+    eager = {"bare": make_optimizer(kind, bench.params)}
+    compiled_opts = {"bare": make_optimizer(kind, bench.params)}
+    for mode in modes:
+        for opts in (eager, compiled_opts):
+            opts[mode] = PDMPOptimizer(make_optimizer(kind, bench.params), bench.groups(), dominant=dominant, mode=mode)
 
-    result: dict[str, Any] = {"optimizer": kind, "n_params": sum(p.numel() for p in bench.params)}
-    try:
-        compile_s = {}
-        for name, fn in (("bare", compiled_bare), ("pdmp", compiled_pdmp)):
-            bench.reset()
-            start = time.perf_counter()
-            fn()
-            fn()  # a second call: recompiles for changed guards show up here
-            compile_s[name] = time.perf_counter() - start
-        result["compile_s"] = compile_s
-    except Exception as exc:  # report honestly, do not hide it
-        result.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], traceback=traceback.format_exc())
-        return result
-    variants = {
-        "eager_bare": eager_bare.step,
-        "compiled_bare": compiled_bare,
-        "eager_pdmp": eager_pdmp.step,
-        "compiled_pdmp": compiled_pdmp,
+    def caller(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            opt.step()
+
+        return step
+
+    compiled = {name: torch.compile(caller(opt)) for name, opt in compiled_opts.items()}
+    compile_s, graphs_after_warmup = {}, {}
+    for name, fn in compiled.items():
+        bench.reset()
+        start = time.perf_counter()
+        fn()
+        fn()  # a second call: recompiles for changed guards (new optimizer state) show up here
+        compile_s[name] = round(time.perf_counter() - start, 1)
+    graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    variants: dict[str, Callable[[], Any]] = {f"eager_{n}": opt.step for n, opt in eager.items()}
+    variants.update({f"compiled_{n}": fn for n, fn in compiled.items()})
+    times = alternate(variants, bench.reset, rounds=rounds, steps=1)
+    recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
+    pairs = [("compiled_bare", "eager_bare")]
+    for mode in modes:
+        pairs += [(f"compiled_{mode}", "compiled_bare"), (f"eager_{mode}", "eager_bare")]
+    counts = {}
+    for name, opt in compiled_opts.items():
+        explanation = torch._dynamo.explain(caller(opt))()
+        counts[name] = {
+            "graphs": explanation.graph_count,
+            "graph_breaks": explanation.graph_break_count,
+            "break_reasons": sorted({str(b.reason).splitlines()[0][:160] for b in explanation.break_reasons}),
+        }
+    return {
+        "optimizer": kind,
+        "status": "ok",
+        "label": OPTIMIZER_LABELS[kind],
+        "compile_s": compile_s,
+        "recompiles_after_warmup": recompiles,
+        "counts": counts,
+        "median_ms": median_ms(times),
+        "ratios": paired_ratios(times, pairs),
     }
-    times = alternate(variants, bench.reset, rounds=25, steps=1)
-    result.update(
-        status="ok",
-        median_ms=median_ms(times),
-        ratios=paired_ratios(
-            times,
-            [
-                ("compiled_pdmp", "eager_pdmp"),
-                ("compiled_bare", "eager_bare"),
-                ("compiled_pdmp", "compiled_bare"),
-                ("eager_pdmp", "eager_bare"),
-            ],
-        ),
-    )
-    try:
-        explanation = torch._dynamo.explain(comp_pdmp_opt.step)()
-        result["pdmp_graph_breaks"] = explanation.graph_break_count
-        result["pdmp_break_reasons"] = sorted({str(b.reason).splitlines()[0][:200] for b in explanation.break_reasons})
-    except Exception as exc:
-        result["explain_error"] = f"{type(exc).__name__}: {exc}"[:500]
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -558,14 +594,18 @@ def print_table(results: dict[str, Any]) -> None:
     for key, r in cost["added_us"].items():
         print(f"    {key:<20} {r['median']:+.1f} us [{r['q25']:+.1f}, {r['q75']:+.1f}]")
     comp = results["compile"]
-    print(f"\n5. torch.compile: {comp['status']}")
-    if comp["status"] == "ok":
-        print(f"  compile time s {comp['compile_s']}; median ms {_ms(comp['median_ms'])}")
-        for key, r in comp["ratios"].items():
+    print(f"\n5. torch.compile around the function that calls opt.step(): {comp['status']}")
+    for case in comp.get("cases", []):
+        if case.get("status") != "ok":
+            print(f"  {case['optimizer']}: {case.get('error')}")
+            continue
+        print(f"  {case['label']}: compile s {case['compile_s']}; recompiles after warm-up "
+              f"{case['recompiles_after_warmup']}; median ms {_ms(case['median_ms'])}")  # fmt: skip
+        for name, c in case["counts"].items():
+            print(f"    {name:<6} graphs {c['graphs']}, graph breaks {c['graph_breaks']}")
+        for key, r in case["ratios"].items():
             print(f"    {key:<30} {fmt(r)}")
-        if "pdmp_graph_breaks" in comp:
-            print(f"  graph breaks in PDMPOptimizer.step: {comp['pdmp_graph_breaks']}")
-    else:
+    if "cases" not in comp:
         print(f"  {comp.get('reason') or comp.get('error')}")
 
 
@@ -596,7 +636,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     labels, entries = [], []
     short = {"sgd": "SGD", "sgd-foreach": "SGD foreach", "adamw": "AdamW"}
     for case in results["step"]:
-        for key in ("pdmp/floor", "pdmp/bare", "research/pdmp"):
+        for key in ("pdmp/floor", "pdmp/bare", "pdmp_lr/bare", "research/pdmp"):
             if key in case["ratios"]:
                 labels.append(f"{short[case['optimizer']]} ({case['pdmp_mode']}): {key}")
                 entries.append(case["ratios"][key])
@@ -627,7 +667,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     labels, entries = [], []
     for case in results["train_step"]:
-        for key in ("grad/unmodulated", "hook/unmodulated"):
+        for key in ("grad/unmodulated", "lr/unmodulated", "hook/unmodulated"):
             labels.append(f"{case['model'].split(',')[0]}: {key}")
             entries.append(case["ratios"][key])
     bars(axes[1, 1], labels, entries, "4. whole training step (SGD momentum) vs unmodulated")
@@ -656,8 +696,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same tables on a GPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here; nothing measured (the CPU tables are the default run)")
+        return {"meta": {"device": args.device, "skipped": "no CUDA device"}}
     if args.replot:
         results = json.loads((args.out / "overhead.json").read_text())
         plot(results, args.out / "overhead.png")
@@ -668,7 +714,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "meta": {
-            "command": "python benchmarks/overhead.py" + (" --quick" if args.quick else ""),
+            "command": "python benchmarks/overhead.py"
+            + (" --quick" if args.quick else "")
+            + ("" if args.device == "cpu" else f" --device {args.device}"),
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or "cpu",
             "quick": args.quick,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
