@@ -72,6 +72,8 @@ def test_every_case_has_the_expected_comparisons(quick_results: tuple[dict, Path
         assert case["n_tensors"] > 100  # realistic per-layer tensors of two ResNet-18 trunks
     assert by_optimizer["sgd"]["pdmp_mode"] == "grad" and by_optimizer["adamw"]["pdmp_mode"] == "lr"
     assert "pdmp_grad/floor" in by_optimizer["adamw"]["ratios"]
+    for kind in ("sgd", "sgd-foreach"):  # the zero-cost twin beside grad mode
+        assert {"pdmp_lr/bare", "pdmp_lr/pdmp"} <= set(by_optimizer[kind]["ratios"])
     sizes = [case["n_params"] for case in results["scaling_params"]]
     assert len(sizes) >= 2 and sizes == sorted(sizes)
     counts = [case["modalities"] for case in results["scaling_modalities"]]
@@ -80,8 +82,8 @@ def test_every_case_has_the_expected_comparisons(quick_results: tuple[dict, Path
     assert all(case["pdmp_buckets"] == 2 for case in results["scaling_modalities"])
     assert all(case["pdmp_distinct_buckets"] == case["modalities"] for case in results["scaling_modalities"])
     for case in [*results["train_step"], results["hook_cost"]]:
-        assert {"grad/unmodulated", "hook/unmodulated", "hook/grad"} == set(case["ratios"])
-        assert {"grad-unmodulated", "hook-unmodulated"} == set(case["added_us"])
+        assert {"grad/unmodulated", "lr/unmodulated", "hook/unmodulated", "hook/grad"} == set(case["ratios"])
+        assert {"grad-unmodulated", "lr-unmodulated", "hook-unmodulated"} == set(case["added_us"])
         assert all(math.isfinite(v["median"]) for v in case["added_us"].values())
 
 
@@ -89,3 +91,17 @@ def test_all_ratios_are_finite_and_positive(quick_results: tuple[dict, Path, str
     values = ratios_in(quick_results[0])
     assert len(values) > 30
     assert all(math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_says_so_and_measures_nothing(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device here" in proc.stdout
+    assert not (tmp_path / "overhead.json").exists()
