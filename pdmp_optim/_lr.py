@@ -43,8 +43,8 @@ def compensates_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     base = base_optimizer(optimizer)
     return (
         type(optimizer) is torch.optim.SGD
-        or bool(group.get("decoupled_weight_decay"))
-        or type(base) is getattr(torch.optim, "Muon", None)
+        or bool(group.get("decoupled_weight_decay"))  # torch >= 2.6 marks AdamW's groups so, too
+        or type(base) in (torch.optim.AdamW, getattr(torch.optim, "Muon", None))
     )
 
 

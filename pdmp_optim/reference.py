@@ -58,7 +58,7 @@ def reference_lr_step(optimizer: Optimizer, group_gammas: Sequence[float]) -> No
 def _decay_follows_lr(optimizer: Optimizer, group: dict) -> bool:
     if "weight_decay" not in group:
         return False
-    decoupled = group.get("decoupled_weight_decay") or type(optimizer).__name__ == "Muon"
+    decoupled = group.get("decoupled_weight_decay") or type(optimizer).__name__ in ("AdamW", "Muon")
     return type(optimizer) is torch.optim.SGD or bool(decoupled)
 
 
