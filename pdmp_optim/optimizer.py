@@ -44,6 +44,7 @@ from .ranking import ModalityRanking
 __all__ = ["PDMPOptimizer"]
 
 _STATE_KEY = "pdmp"
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _FORMAT = 2
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -546,7 +547,16 @@ class PDMPOptimizer(Optimizer):
             )
         modality = next(iter(modalities), None)
         gamma = 1.0 if modality is None else self._gammas[modality]
-        return [] if gamma == 1.0 else [(group, gamma, compensates_decay(self._optimizer, group))]
+        if gamma == 1.0:
+            return []
+        decay = compensates_decay(self._optimizer, group)
+        for name, value in (("lr", group["lr"] * gamma), ("weight_decay", group.get("weight_decay", 0) / gamma)):
+            if (name == "lr" or decay) and not abs(float(value)) <= _FLOAT32_MAX:
+                raise ValueError(
+                    f"gamma {gamma:g} of {modality!r} makes param group {index}'s {name} {float(value):g} in 'lr' "
+                    "mode, beyond what the optimizer can represent; use mode='grad' (or 'update') for such gammas"
+                )
+        return [(group, gamma, decay)]
 
     def _gamma_of(self, p: Tensor) -> float:
         modality = self._modality_of.get(p)

@@ -500,3 +500,15 @@ def test_a_plain_checkpoint_with_other_groups_is_refused_and_names_the_cause():
     other = torch.optim.Adam([{"params": [p]} for p in list(model.parameters())[:2]]).state_dict()
     with pytest.raises(ValueError, match="checkpoint has 2 param groups, this optimizer has 3"):
         opt.load_state_dict(other)
+
+
+def test_lr_mode_refuses_a_gamma_that_overflows_its_hyperparameters():
+    model = Pair()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-2)
+    with pytest.raises(ValueError, match=r"weight_decay .* use mode='grad'"):
+        PDMPOptimizer(sgd, model.groups(), gammas={"audio": 1e-300, "visual": 1.0}, mode="lr")
+    other = Pair()  # grad mode takes any gamma > 0
+    opt = PDMPOptimizer(torch.optim.SGD(other.parameters(), lr=0.1, weight_decay=1e-2), other.groups(),
+                        gammas={"audio": 1e-300, "visual": 1.0})  # fmt: skip
+    other(0).backward()
+    opt.step()
