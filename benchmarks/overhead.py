@@ -590,9 +590,10 @@ def print_table(results: dict[str, Any]) -> None:
         for key, r in case["ratios"].items():
             print(f"    {key:<20} {fmt(r)}")
     cost = results["hook_cost"]
-    print(f"\n4b. added time per training step, {cost['model']}: median ms {_ms(cost['median_ms'])}")
-    for key, r in cost["added_us"].items():
-        print(f"    {key:<20} {r['median']:+.1f} us [{r['q25']:+.1f}, {r['q75']:+.1f}]")
+    if cost:
+        print(f"\n4b. added time per training step, {cost['model']}: median ms {_ms(cost['median_ms'])}")
+        for key, r in cost["added_us"].items():
+            print(f"    {key:<20} {r['median']:+.1f} us [{r['q25']:+.1f}, {r['q75']:+.1f}]")
     comp = results["compile"]
     print(f"\n5. torch.compile around the function that calls opt.step(): {comp['status']}")
     for case in comp.get("cases", []):
@@ -648,7 +649,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         rs = [c["ratios"][key] for c in results["scaling_params"]]
         ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=key, color=color)
     ax.axhline(1.0, color="black", lw=1)
-    ax.set_xscale("log")
+    if xs:
+        ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("time ratio")
     ax.set_title("2. scaling with parameter count (SGD momentum, foreach)", fontsize=10)
@@ -697,6 +699,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same tables on a GPU")
+    parser.add_argument(
+        "--sections",
+        default="step,scaling_params,scaling_modalities,train_step,hook_cost,compile",
+        help="comma-separated subset of the sections to run (default: all)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global DEVICE
@@ -738,11 +745,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("train_step", run_train_steps),
         ("hook_cost", run_hook_cost),
     ]
+    wanted = set(args.sections.split(","))
     for key, fn in sections:
+        if key not in wanted:
+            results[key] = [] if key != "hook_cost" else {}
+            continue
         t0 = time.perf_counter()
         results[key] = fn(args.quick)
         print(f"[{key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    if args.skip_compile:
+    if args.skip_compile or "compile" not in wanted:
         results["compile"] = {"status": "skipped", "reason": "--skip-compile"}
     else:
         t0 = time.perf_counter()
