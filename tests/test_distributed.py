@@ -27,8 +27,8 @@ from pdmp_optim.reference import reference_grad_step, reference_lr_step
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 WORLD, STEPS, GLOBAL_BATCH, MAX_NORM = 2, 3, 8, 0.05
-DDP_VARIANTS = ("grad", "lr", "grad-clip", "grad-accum")
-FSDP_VARIANTS = ("grad", "lr", "grad-clip")
+DDP_VARIANTS = ("grad", "lr", "sgd-lr", "grad-clip", "grad-accum")
+FSDP_VARIANTS = ("grad", "lr", "sgd-lr", "grad-clip")
 
 
 def make_optimizer(model, variant: str) -> PDMPOptimizer:
@@ -36,6 +36,8 @@ def make_optimizer(model, variant: str) -> PDMPOptimizer:
         inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     else:
         inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if variant == "sgd-lr":  # the zero-cost twin of grad mode: lr * gamma, weight_decay / gamma
+        return PDMPOptimizer(inner, model.groups(), gammas=GAMMAS, mode="lr")
     opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS)
     assert opt.mode == ("lr" if variant == "lr" else "grad")
     return opt
@@ -64,7 +66,8 @@ def train_step(model, opt, batches, variant: str, no_sync=None) -> None:
 
 
 def reference_params(variant: str) -> dict[str, torch.Tensor]:
-    """One process, the whole global batch, a plain optimizer stepped by the reference twin."""
+    """One process, the whole global batch, a plain optimizer stepped by the reference twin ("sgd-lr" is checked
+    against grad mode's reference: it is its hyperparameter twin)."""
     model = TwoModal()
     if variant == "lr":  # the groups lr mode splits Adam's single group into
         modules = (model.audio, model.visual, model.head)

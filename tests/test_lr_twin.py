@@ -238,3 +238,23 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_grad_scaler_with_a_skipped_step_and_accumulation_in_sgd_lr_mode_follows_grad_mode():
+    sgd = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    runs = {}
+    for mode in ("lr", "grad"):
+        model = Pair()
+        opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), **sgd), model.groups(), gammas=GAMMAS, mode=mode)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for step in range(5):
+            for micro in range(2):  # gradient accumulation: scaled once per step, whatever the mode
+                scaler.scale(model.loss(10 * step + micro) / 2).backward()
+            if step == 2:
+                model.visual.bias.grad[0] = float("inf")  # this step is skipped
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs[mode] = model
+    close(runs["lr"], runs["grad"])
+    assert any(not torch.equal(p, q) for p, q in zip(runs["lr"].parameters(), runs["grad"].parameters(), strict=True))
