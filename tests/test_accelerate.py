@@ -35,10 +35,10 @@ def sgd(params) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def prepared(**accelerator_kwargs):
+def prepared(mode: str = "auto", **accelerator_kwargs):
     accelerator = accelerate.Accelerator(cpu=True, **accelerator_kwargs)
     model = TwoModal()
-    pdmp = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
+    pdmp = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS, mode=mode)
     model, opt = accelerator.prepare(model, pdmp)
     return accelerator, model, opt, pdmp
 
@@ -95,6 +95,19 @@ def test_accumulate_scales_once_per_step():
             opt.step()
             opt.zero_grad()
     assert_same_params(accelerator.unwrap_model(model), reference(micro=micro))
+
+
+def test_accumulate_in_sgd_lr_mode_the_zero_cost_twin_follows_grad_mode():
+    micro = 2
+    accelerator, model, opt, _ = prepared(mode="lr", gradient_accumulation_steps=micro)
+    for batch in make_batches(STEPS * micro, n=8 // micro):
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model, batch))
+            opt.step()
+            opt.zero_grad()
+    want = reference(micro=micro)
+    for p, q in zip(accelerator.unwrap_model(model).parameters(), want.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_mixed_precision():

@@ -25,17 +25,18 @@ def sgd(params) -> torch.optim.SGD:
 
 
 class PDMPModule(pl.LightningModule):
-    def __init__(self, gammas: dict[str, float] = GAMMAS, scale_before_clip: bool = False) -> None:
+    def __init__(self, gammas: dict[str, float] = GAMMAS, scale_before_clip: bool = False, mode: str = "auto") -> None:
         super().__init__()
         self.model = TwoModal()
         self.gammas = gammas
         self.scale_before_clip = scale_before_clip
+        self.mode = mode
 
     def training_step(self, batch, batch_idx):
         return loss_fn(self.model, batch)
 
     def configure_optimizers(self):
-        return PDMPOptimizer(sgd(self.model.parameters()), self.model.groups(), gammas=self.gammas)
+        return PDMPOptimizer(sgd(self.model.parameters()), self.model.groups(), gammas=self.gammas, mode=self.mode)
 
     def on_before_optimizer_step(self, optimizer):
         if self.scale_before_clip:
@@ -102,6 +103,17 @@ def test_scale_grads_in_on_before_optimizer_step_then_lightning_clips():
     module = PDMPModule(scale_before_clip=True)
     trainer(gradient_clip_val=MAX_NORM).fit(module, loader())
     assert_same_params(module.model, reference(clip="scale-clip"))
+
+
+@pytest.mark.parametrize("options", [{}, {"accumulate_grad_batches": 2}, {"gradient_clip_val": MAX_NORM}],
+                         ids=["fit", "accumulate", "clip"])  # fmt: skip
+def test_sgd_lr_mode_the_zero_cost_twin_follows_grad_mode(options):
+    module = PDMPModule(mode="lr")
+    micro = options.get("accumulate_grad_batches", 1)
+    trainer(**options).fit(module, loader(micro=micro))
+    want = reference(micro=micro, clip="clip-scale" if "gradient_clip_val" in options else None)
+    for p, q in zip(module.model.parameters(), want.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_resume_restores_pdmp_state(tmp_path):
