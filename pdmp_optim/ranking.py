@@ -9,6 +9,12 @@ unimodal models however you like and hand the scores to :func:`rank_modalities`:
 ('visual', 'audio')
 >>> ranking.gammas(gamma_p=15)
 {'visual': 15.0, 'audio': 0.06666666666666667}
+
+Before adopting PDMP, check the paper's premise on your task: does your jointly trained model end below its
+best unimodal model? :meth:`ModalityRanking.check_premise` compares the two and says how sure that is:
+
+>>> ranking.check_premise([0.58, 0.60]).verdict  # the joint model's validation scores, one per run
+'holds'
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 from ._checks import as_finite, check_int, check_name
 from .coefficients import pdmp_gammas
 
-__all__ = ["ModalityRanking", "rank_modalities"]
+__all__ = ["ModalityRanking", "PremiseCheck", "rank_modalities"]
 
 Scores = Mapping[str, Any]
 _REPAIR = "drop or repair that run before ranking"
@@ -113,6 +119,43 @@ class ModalityRanking:
             higher_is_better=self.higher_is_better,
         )
 
+    def check_premise(self, joint: Any, *, z: float = 2.0) -> PremiseCheck:
+        """Does the jointly trained model end below its best unimodal model (PDMP's premise), and how surely?
+
+        >>> unimodal = rank_modalities({"audio": [[0.40, 0.60], [0.41, 0.61], [0.42, 0.60]],
+        ...                             "visual": [[0.20, 0.80], [0.22, 0.82], [0.21, 0.81]]})
+        >>> check = unimodal.check_premise([0.74, 0.76, 0.75])  # joint model, validation accuracy per seed
+        >>> check.verdict, round(check.shortfall, 3), check.worth_trying
+        ('holds', 0.06, True)
+        >>> unimodal.check_premise([0.86, 0.85, 0.87]).verdict
+        'fails'
+        >>> unimodal.check_premise([0.80, 0.82, 0.79]).verdict
+        'too close to call'
+
+        The ranking must come from unimodal models trained with the joint model's budget (the same encoders,
+        data, epochs and optimizer, each modality alone) and scored on the same validation split and metric as
+        ``joint``; give both several seeds. ``shortfall`` is how far the joint model's mean trails the best
+        unimodal mean (``> 0``: the premise holds; for losses, ``higher_is_better=False``, the signs follow).
+        Its standard error treats the two sets of runs as independent (Welch): ``sqrt(s_j**2 / n_j + s_u**2 /
+        n_u)``; a side with one run borrows the other side's spread. The premise ``"holds"`` when the shortfall
+        exceeds ``z`` standard errors, ``"fails"`` when the joint model leads by more than that, and is ``"too
+        close to call"`` otherwise, or when both sides have a single run (no spread to judge by).
+
+        :attr:`PremiseCheck.worth_trying` also needs a fast modality to damp: when the performance-dominant
+        modality is also the optimization-dominant one, the paper's rule gives every encoder ``gamma_p`` and
+        PDMP acts as a larger learning rate, so it is ``False`` (see :attr:`PremiseCheck.notes`).
+
+        Args:
+            joint: the jointly trained model's validation score, one number per run (a number, a list, a
+                NumPy array or a tensor).
+            z: how many standard errors the shortfall must exceed either way (default 2, about 95%).
+
+        Raises:
+            ValueError: no joint scores, a NaN or inf score, ``z`` not a finite number >= 0.
+            TypeError: a score that is not a number.
+        """
+        return _check_premise(self, joint, z)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` reverses it.
 
@@ -182,6 +225,132 @@ class ModalityRanking:
         if self.notes:
             text += f", notes={list(self.notes)!r}"
         return text + ")"
+
+
+@dataclass(frozen=True)
+class PremiseCheck:
+    """The answer of :meth:`ModalityRanking.check_premise`: does the joint model trail its best unimodal model?
+
+    >>> r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.62]], "v": [[0.3, 0.80], [0.3, 0.78]]})
+    >>> print(r.check_premise([0.70, 0.72]))  # doctest: +NORMALIZE_WHITESPACE
+    premise holds: the joint model (0.71, 2 runs) trails the best unimodal model 'v' (0.79, 2 runs)
+    by 0.08 ± 0.014 (5.7 standard errors); PDMP is worth trying
+
+    Attributes:
+        verdict: ``"holds"``, ``"fails"`` or ``"too close to call"``.
+        holds: ``True``, ``False``, or ``None`` when too close to call.
+        shortfall: best unimodal mean minus joint mean, in the metric's units (the other way round for
+            losses): positive when the joint model is worse.
+        std_error: the shortfall's standard error, ``None`` when both sides have a single run.
+        best_unimodal: the performance-dominant modality, whose unimodal model is compared.
+        unimodal_score: its mean final score; ``joint_score``: the joint model's mean score.
+        unimodal_runs, joint_runs: how many runs each mean is over.
+        z: the threshold used, in standard errors.
+        worth_trying: ``True`` when the premise holds and the ranking has a fast modality other than
+            ``best_unimodal`` to damp; ``False`` when the premise fails or there is nothing to damp; ``None``
+            when too close to call.
+        notes: what else to know (a single run, nothing to damp, a doubtful ranking).
+    """
+
+    verdict: str
+    holds: bool | None
+    shortfall: float
+    std_error: float | None
+    best_unimodal: str
+    unimodal_score: float
+    joint_score: float
+    unimodal_runs: int
+    joint_runs: int
+    z: float
+    worth_trying: bool | None
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        se = "" if self.std_error is None else f" ± {self.std_error:.2g}"
+        sigmas = ""
+        if self.std_error:
+            sigmas = f" ({abs(self.shortfall) / self.std_error:.1f} standard errors)"
+        if self.shortfall >= 0:
+            relation = f"trails the best unimodal model {self.best_unimodal!r}"
+        else:
+            relation = f"leads the best unimodal model {self.best_unimodal!r}"
+        advice = {
+            True: "PDMP is worth trying",
+            False: "PDMP is not expected to help",
+            None: "try PDMP only against a tuned learning rate on a validation split",
+        }[self.worth_trying]
+        text = (
+            f"premise {self.verdict}: the joint model ({self.joint_score:.4g}, {self.joint_runs} "
+            f"run{'s' if self.joint_runs != 1 else ''}) {relation} ({self.unimodal_score:.4g}, "
+            f"{self.unimodal_runs} run{'s' if self.unimodal_runs != 1 else ''}) by {abs(self.shortfall):.2g}{se}"
+            f"{sigmas}; {advice}"
+        )
+        return text + "".join(f"\n  note: {n}" for n in self.notes)
+
+
+def _check_premise(ranking: ModalityRanking, joint: Any, z: Any) -> PremiseCheck:
+    z = as_finite(z, "z")
+    if z < 0:
+        raise ValueError(f"z must be >= 0 (a number of standard errors), got {z}")
+    if hasattr(joint, "tolist"):
+        joint = joint.tolist()
+    values = joint if isinstance(joint, Sequence) and not isinstance(joint, (str, bytes)) else [joint]
+    if len(values) == 0:
+        raise ValueError("joint needs at least one score of the jointly trained model (one per run)")
+    scores = [as_finite(v, f"joint score (run {i})", _REPAIR) for i, v in enumerate(values)]
+    best = ranking.performance_dominant
+    sign = 1.0 if ranking.higher_is_better else -1.0
+    unimodal, joint_mean = ranking.final_scores[best], statistics.fmean(scores)
+    shortfall = sign * (unimodal - joint_mean)
+    n_u, n_j = ranking.num_runs, len(scores)
+    var_u = ranking.final_std[best] ** 2 if n_u > 1 else None
+    var_j = statistics.variance(scores) if n_j > 1 else None
+    notes: list[str] = []
+    if var_u is None and var_j is None:
+        std_error = None
+        notes.append(
+            "one run on each side: nothing to judge the seed-to-seed spread by; "
+            "train the joint and the unimodal models with 3 or more seeds"
+        )
+    else:
+        var_u = var_j if var_u is None else var_u
+        var_j = var_u if var_j is None else var_j
+        std_error = math.sqrt(var_u / n_u + var_j / n_j)  # type: ignore[operator]
+    if std_error is None:
+        holds = None
+    elif shortfall > z * std_error:
+        holds = True
+    elif shortfall < -z * std_error:
+        holds = False
+    else:
+        holds = None
+    verdict = {True: "holds", False: "fails", None: "too close to call"}[holds]
+    m_o = ranking.optimization_dominant
+    damped = m_o is None or m_o != best
+    if not damped:
+        notes.append(
+            f"{best!r} is both performance- and optimization-dominant: the rule gives every encoder gamma_p, "
+            "so PDMP acts as a larger learning rate; compare it with a tuned learning rate instead"
+        )
+    if not ranking.confident:
+        notes.append("the ranking itself is not clear-cut: " + "; ".join(ranking.notes))
+    worth = None if holds is None else bool(holds and damped)
+    if holds is None and not damped:
+        worth = False
+    return PremiseCheck(
+        verdict=verdict,
+        holds=holds,
+        shortfall=shortfall,
+        std_error=std_error,
+        best_unimodal=best,
+        unimodal_score=unimodal,
+        joint_score=joint_mean,
+        unimodal_runs=n_u,
+        joint_runs=n_j,
+        z=z,
+        worth_trying=worth,
+        notes=tuple(notes),
+    )
 
 
 def rank_modalities(
