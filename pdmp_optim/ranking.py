@@ -60,6 +60,10 @@ class ModalityRanking:
         notes: why the ranking may not be trustworthy (ties, near ties, disagreeing runs); empty when it is
             clear. When it is not empty, :func:`rank_modalities` warned once with the same text (unless
             called with ``warn=False``).
+        num_samples: how many samples each modality's scores rest on, ``{modality: {"train": n, "eval": n}}``
+            (training samples per epoch, the fewest over runs, and evaluation samples), as
+            :func:`~pdmp_optim.analyze_modalities` counts them: fewer than the data holds when a modality is
+            missing for some samples. ``None`` when unknown (:func:`rank_modalities` is given scores only).
     """
 
     order: tuple[str, ...]
@@ -71,6 +75,7 @@ class ModalityRanking:
     run_winners: tuple[str, ...] = ()
     agreement: float = 1.0
     notes: tuple[str, ...] = field(default=())
+    num_samples: dict[str, dict[str, int]] | None = None
 
     @property
     def performance_dominant(self) -> str:
@@ -172,6 +177,7 @@ class ModalityRanking:
             "run_winners": list(self.run_winners),
             "agreement": self.agreement,
             "notes": list(self.notes),
+            "num_samples": None if self.num_samples is None else {m: dict(c) for m, c in self.num_samples.items()},
         }
 
     @classmethod
@@ -224,6 +230,8 @@ class ModalityRanking:
             text += f", runs={self.num_runs}, agreement={self.agreement:.2f}"
         if self.notes:
             text += f", notes={list(self.notes)!r}"
+        if self.num_samples is not None and len({tuple(c.items()) for c in self.num_samples.values()}) > 1:
+            text += f", num_samples={self.num_samples!r}"  # shown where modalities rest on different samples
         return text + ")"
 
 
@@ -597,6 +605,7 @@ def _fields(data: Any) -> dict[str, Any]:
         "run_winners": winners,
         "agreement": agreement,
         "notes": _strings(data.get("notes", ()), "notes"),
+        "num_samples": _sample_counts(data.get("num_samples"), order),
     }
 
 
@@ -613,6 +622,29 @@ def _run_fields(data: Mapping[str, Any], order: tuple[str, ...]) -> tuple[tuple[
             f"{order[0]!r} first; pass the output of to_dict()"
         )
     return winners, agreement
+
+
+def _sample_counts(value: Any, order: tuple[str, ...]) -> dict[str, dict[str, int]] | None:
+    """``num_samples``: ``None``, or ``{modality: {"train": int >= 0, "eval": int >= 0}}`` for every modality."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"num_samples must map modality -> {{'train': n, 'eval': n}}, got {type(value).__name__}")
+    if set(value) != set(order):
+        raise ValueError(f"num_samples names {list(value)} but order names {list(order)}; give one entry per modality")
+    counts = {}
+    for name in order:
+        entry = value[name]
+        if (
+            not isinstance(entry, Mapping)
+            or set(entry) != {"train", "eval"}
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry.values())
+        ):
+            raise ValueError(
+                f"num_samples[{name!r}] must be {{'train': n, 'eval': n}} with counts n >= 0, got {entry!r}"
+            )
+        counts[name] = {"train": int(entry["train"]), "eval": int(entry["eval"])}
+    return counts
 
 
 def _strings(value: Any, key: str, *, names: bool = False) -> tuple[str, ...]:

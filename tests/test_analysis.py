@@ -3,6 +3,7 @@ a ValueError naming the fix, runs are reproducible, and doubtful rankings warn o
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import math
@@ -176,6 +177,13 @@ def _drop(batches: list, index: int, modality: str) -> list:
     return out
 
 
+def _drop_all(batches: list, modality: str) -> list:
+    out = batches
+    for index in range(len(batches)):
+        out = _drop(out, index, modality)
+    return out
+
+
 def _add(batches: list, index: int, modality: str) -> list:
     out = list(batches)
     x, y = out[index]
@@ -193,10 +201,14 @@ def _relabel(batches: list, index: int, value: int) -> list:
 
 
 BAD_INPUT = [
-    ("missing modality in train", dict(train=_drop(TRAIN, 3, "slow")), r"no input for modality \['slow'\]"),
-    ("missing modality in eval", dict(val=_drop(VAL, 1, "quick")), r"no input for modality \['quick'\]"),
+    ("modality in no train batch", dict(train=_drop_all(TRAIN, "slow")), r"\['slow'\] is missing from every batch"),
+    (
+        "modality in no eval batch",
+        dict(val=_drop_all(VAL, "quick")),
+        r"\['quick'\] is missing from every batch of eval",
+    ),
     ("modality without encoder", dict(train=_add(TRAIN, 0, "depth")), r"no encoder for them; add encoders"),
-    ("encoder without modality", dict(extra_encoder=True), r"no input for modality \['depth'\]"),
+    ("encoder without modality", dict(extra_encoder=True), r"\['depth'\] is missing from every batch of train"),
     ("target too large", dict(train=_relabel(TRAIN, 2, C)), r"outside \[0, 4\); pass the right num_classes"),
     ("negative target", dict(val=_relabel(VAL, 0, -1)), r"outside \[0, 4\)"),
     ("float targets", dict(val=[(x, y.float()) for x, y in VAL]), r"class indices"),
@@ -242,7 +254,7 @@ def test_wrong_types_are_type_errors() -> None:
         analyze_modalities({"quick": nn.Linear(8, 4), "slow": "encoder"}, TRAIN, VAL, num_classes=C)
     with pytest.raises(TypeError, match="batch_fn="):
         analyze_modalities(make_encoders(), [(1, 2, 3)], VAL, num_classes=C)
-    with pytest.raises(TypeError, match="must return one tensor"):
+    with pytest.raises(TypeError, match=r"returned a tuple; the probe reads one tensor .*lambda out: out\[0\]"):
         enc = make_encoders()
         enc["slow"] = nn.LSTM(SLOW_DIM, 4, batch_first=True)
         analyze_modalities(enc, TRAIN, VAL, num_classes=C, epochs=1)
@@ -266,7 +278,7 @@ def test_probe_options_are_forwarded_checked_and_documented() -> None:
     own = inspect.signature(analyze_modalities).parameters
     assert [n for n, p in own.items() if p.kind is p.KEYWORD_ONLY] == ["higher_is_better", "early_epoch", "warn"]
     probe = [n for n, p in inspect.signature(unimodal_histories).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    assert len(probe) == 10
+    assert len(probe) == 13
     for name in probe:
         assert f"``{name}" in (analyze_modalities.__doc__ or ""), name
         assert f"{name}:" in (unimodal_histories.__doc__ or ""), name
@@ -351,7 +363,10 @@ def test_histories_match_rank_modalities() -> None:
     histories = unimodal_histories(make_encoders(), TRAIN, VAL, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert analyze_modalities(make_encoders(), TRAIN, VAL, **kwargs) == rank_modalities(histories, warn=False)
+        ranking = analyze_modalities(make_encoders(), TRAIN, VAL, **kwargs)
+    # the same ranking, plus the samples it rests on: 4 of the 16 training batches of 32, all 256 eval samples
+    assert ranking.num_samples == {m: {"train": 128, "eval": 256} for m in ranking.order}
+    assert dataclasses.replace(ranking, num_samples=None) == rank_modalities(histories, warn=False)
 
 
 # ------------------------------------------------------- doubtful rankings (disagreeing runs, ties) warn once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -244,10 +245,16 @@ def _examples() -> list[ModalityRanking]:
             rank_modalities({"a": [1.2, 0.9], "v": [2.0, 0.7]}, higher_is_better=False),
             rank_modalities({"a": [[0.5, 0.7], [0.5, 0.9]], "v": [[0.3, 0.8], [0.3, 0.85]], "t": [[0.1, 0.2]] * 2}),
             rank_modalities({"b": 0.7, "a": 0.7}),
+            dataclasses.replace(
+                rank_modalities({"a": [0.5, 0.6], "v": [0.3, 0.8]}),
+                num_samples={"v": {"train": 900, "eval": 210}, "a": {"train": 1000, "eval": 250}},
+            ),
         ]
 
 
-@pytest.mark.parametrize("ranking", _examples(), ids=["early", "final-only", "loss", "runs-disagree", "tie"])
+@pytest.mark.parametrize(
+    "ranking", _examples(), ids=["early", "final-only", "loss", "runs-disagree", "tie", "missing-samples"]
+)
 def test_round_trips(ranking: ModalityRanking) -> None:
     assert ModalityRanking.from_dict(ranking.to_dict()) == ranking
     assert ModalityRanking.from_dict(json.loads(json.dumps(ranking.to_dict()))) == ranking
@@ -255,6 +262,17 @@ def test_round_trips(ranking: ModalityRanking) -> None:
     assert restored == ranking and repr(restored) == repr(ranking)
     assert hash(restored) == hash(ranking)
     assert list(ranking.to_dict()["final_scores"]) == list(ranking.order)  # JSON keeps the ranking order
+
+
+def test_num_samples_shown_where_modalities_rest_on_different_samples() -> None:
+    plain = rank_modalities({"a": [0.5, 0.6], "v": [0.3, 0.8]})
+    assert plain.num_samples is None and plain.to_dict()["num_samples"] is None
+    same = dataclasses.replace(plain, num_samples={m: {"train": 8, "eval": 4} for m in ("v", "a")})
+    assert "num_samples" not in repr(same) and same != plain and hash(same) == hash(plain)
+    fewer = dataclasses.replace(same, num_samples={"v": {"train": 8, "eval": 3}, "a": {"train": 8, "eval": 4}})
+    assert "num_samples={'v': {'train': 8, 'eval': 3}, 'a': {'train': 8, 'eval': 4}}" in repr(fewer)
+    old = {k: v for k, v in fewer.to_dict().items() if k != "num_samples"}  # a dict written by 0.2
+    assert ModalityRanking.from_dict(old) == plain
 
 
 def test_equality_and_hash() -> None:
@@ -287,6 +305,7 @@ def _valid() -> dict:
         return json.loads(json.dumps(rank_modalities(runs).to_dict()))
 
 
+_COUNTS = {"v": {"train": 10, "eval": 5}, "a": {"train": 10, "eval": 5}}
 INCONSISTENT = [
     ("early names", {"early_scores": {"a": 0.5, "x": 0.3}}, ValueError, r"early_scores names \['a', 'x'\]"),
     ("early too few", {"early_scores": {"a": 0.5}}, ValueError, r"early_scores names \['a'\] but order"),
@@ -312,6 +331,11 @@ INCONSISTENT = [
     ("notes a string", {"notes": "unclear"}, TypeError, r"notes must be a list of strings"),
     ("notes not text", {"notes": [1]}, TypeError, r"notes must be a list of strings"),
     ("misspelt key", {"early_score": {"v": 0.3, "a": 0.5}}, ValueError, r"unknown keys \['early_score'\]"),
+    ("samples names", {"num_samples": {"v": {"train": 1, "eval": 1}}}, ValueError, r"num_samples names \['v'\]"),
+    ("samples not a dict", {"num_samples": [1, 2]}, TypeError, r"num_samples must map modality"),
+    ("samples negative", {"num_samples": _COUNTS | {"a": {"train": -1, "eval": 1}}}, ValueError, r"counts n >= 0"),
+    ("samples keys", {"num_samples": _COUNTS | {"a": {"eval": 1}}}, ValueError, r"num_samples\['a'\] must be"),
+    ("samples float", {"num_samples": _COUNTS | {"a": {"train": 1.5, "eval": 1}}}, ValueError, r"num_samples\['a'\]"),
 ]
 
 
