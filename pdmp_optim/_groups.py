@@ -110,8 +110,8 @@ def split_saved_groups(state_dict: Mapping[str, Any], layout: Layout) -> dict[st
 def merge_saved_groups(state_dict: dict[str, Any], layout: Layout) -> tuple[dict[str, Any], dict[int, int]] | None:
     """The inverse of :func:`split_saved_groups`: the state dict the unsplit optimizer would have saved, and how the
     parameter ids were renumbered; ``None`` if the parts of a group no longer share their settings."""
-    saved, groups, start = state_dict["param_groups"], [], 0
-    if sum(map(len, layout)) != len(saved):
+    saved, groups, start = state_dict.get("param_groups"), [], 0
+    if saved is None or sum(map(len, layout)) != len(saved):
         return None
     for parts in layout:
         chunk, start = saved[start : start + len(parts)], start + len(parts)

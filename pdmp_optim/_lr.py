@@ -25,7 +25,9 @@ from torch.optim import Optimizer
 from .modes import base_optimizer
 
 __all__ = [
+    "EXACT_KEY",
     "compensates_decay",
+    "drop_exact_momentum",
     "keeps_momentum_in_gamma_units",
     "momentum_to_internal_",
     "momentum_to_standard",
@@ -66,10 +68,17 @@ def rescale_momentum_(optimizer: Optimizer, factor_of: Callable[[dict[str, Any]]
                 state["momentum_buffer"] = state["momentum_buffer"] * factor
 
 
+EXACT_KEY = "pdmp_momentum_buffer"  # the 1/gamma-units buffer itself, so that a resume is bit-identical
+
+
 def momentum_to_standard(
     state_dict: dict[str, Any], groups: list[dict[str, Any]], gamma_of: Callable[[dict[str, Any]], float]
 ) -> dict[str, Any]:
-    """``state_dict`` (of the optimizer whose param groups are ``groups``) with momentum in standard units."""
+    """``state_dict`` (of the optimizer whose param groups are ``groups``) with momentum in standard units.
+
+    Beside it, under :data:`EXACT_KEY`, the buffer as kept: ``buffer * gamma / gamma`` is not always ``buffer`` in
+    floating point. Plain SGD ignores the extra key; a load prefers it while the standard buffer is unchanged.
+    """
     state = dict(state_dict["state"])
     seen: set[int] = set()
     for group, saved in zip(groups, state_dict["param_groups"], strict=True):
@@ -79,10 +88,32 @@ def momentum_to_standard(
             if gamma == 1.0 or index in seen or not entry or entry.get("momentum_buffer") is None:
                 continue
             seen.add(index)
-            state[index] = {**entry, "momentum_buffer": entry["momentum_buffer"] * gamma}
+            kept = entry["momentum_buffer"]
+            state[index] = {**entry, "momentum_buffer": kept * gamma, EXACT_KEY: kept}
     return {**state_dict, "state": state}
 
 
 def momentum_to_internal_(optimizer: Optimizer, gamma_of: Callable[[dict[str, Any]], float]) -> None:
-    """After a load: standard units to ``1/gamma`` units."""
-    rescale_momentum_(optimizer, lambda group: 1.0 / gamma_of(group))
+    """After a load: standard units to ``1/gamma`` units (the exact buffer where the checkpoint kept it)."""
+    for group in optimizer.param_groups:
+        gamma = gamma_of(group)
+        for p in dict.fromkeys(group["params"]):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            exact, standard = state.pop(EXACT_KEY, None), state.get("momentum_buffer")
+            if standard is None or gamma == 1.0:
+                continue
+            same = exact is not None and exact.shape == standard.shape and torch.equal(exact * gamma, standard)
+            state["momentum_buffer"] = exact if same else standard / gamma
+
+
+def drop_exact_momentum(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without :data:`EXACT_KEY` entries (for a mode that keeps momentum in standard units)."""
+    state = state_dict.get("state")
+    if not isinstance(state, dict) or not any(isinstance(e, dict) and EXACT_KEY in e for e in state.values()):
+        return state_dict
+    cleaned = {
+        i: {k: v for k, v in e.items() if k != EXACT_KEY} if isinstance(e, dict) else e for i, e in state.items()
+    }
+    return {**state_dict, "state": cleaned}

@@ -89,10 +89,14 @@ class EncoderGradScaling:
         self._warned_upstream = False
         self._handles: list[RemovableHandle] = []
         hooked = [m for m in encoders if self._gamma(m) != 1.0 or self.owner is not None]
-        self.scaled_params: set[Tensor] = {p for m in hooked for p in encoders[m].parameters()}
+        self._params_of = {m: frozenset(encoders[m].parameters()) for m in hooked}
+        self.scaled_params: set[Tensor] = {p for m in hooked for p in self._params_of[m]}
+        self.pending: set[Tensor] = set()  # parameters whose gradients the hooks scaled, until their optimizer steps
+        if self.owner is None and _hooked.scaled_by_an_optimizer(self.scaled_params):
+            raise RuntimeError(_hooked.conflict_message(_hooked.scaled_by_an_optimizer(self.scaled_params)))
         self._handles = [encoders[m].register_forward_hook(self._forward_hook(m)) for m in hooked]
         if self._handles:
-            _hooked.add(self)
+            _hooked.track(self)
 
     @property
     def gammas(self) -> dict[str, float]:
@@ -109,8 +113,7 @@ class EncoderGradScaling:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.scaled_params = set()
-        _hooked.discard(self)
+        _hooked.settle(())  # forgets this set once nothing it scaled is pending any more
 
     def __enter__(self) -> EncoderGradScaling:
         return self
@@ -132,7 +135,14 @@ class EncoderGradScaling:
                 return
             gamma = self._gamma(modality)
             if gamma != 1.0:
-                _register_on_tensors(output, lambda grad: grad * gamma, modality)
+                params = self._params_of[modality]
+
+                def scale(grad: Tensor) -> Tensor:
+                    if self.owner is not None:
+                        self.pending |= params  # until the owner steps or zeroes them: it leaves them to the hooks
+                    return grad * gamma
+
+                _register_on_tensors(output, scale, modality)
             if not self._warned_upstream and _any_tensor_requires_grad(inputs):
                 self._warned_upstream = True
                 warnings.warn(

@@ -4,8 +4,8 @@ PDMP multiplies each modality's *update* by its coefficient. Three mechanisms do
 optimizers:
 
 * ``"grad"`` multiplies the gradients before the step (the paper's Eq. 10-11). Right for optimizers whose
-  update follows the gradient's scale: SGD, ASGD, LBFGS. Adaptive and sign-based optimizers normalise that
-  scale away, so there it would silently change almost nothing.
+  update follows the gradient's scale: SGD, ASGD. Adaptive and sign-based optimizers normalise that scale away,
+  so there it would silently change almost nothing.
 * ``"lr"`` multiplies each modality's learning rate for the duration of the step and restores it exactly.
   Right for optimizers whose update is proportional to ``lr`` at every step: Adam and kin, RMSprop, Adagrad,
   Adadelta, Muon. Not for Rprop (it reads ``lr`` only when its state is created) or Adafactor (its relative step
@@ -14,7 +14,9 @@ optimizers:
   Right for any optimizer, at the cost of one copy of those parameters per step.
 
 ``mode="auto"`` picks ``"grad"`` or ``"lr"`` only for the torch classes listed above (looking through wrappers
-such as Lookahead to the optimizer they drive) and ``"update"`` for everything else:
+such as Lookahead to the optimizer they drive) and ``"update"`` for everything else, except LBFGS, which no mode
+fits (its quasi-Newton step undoes a constant gradient scale, and its curvature pairs absorb a scaled step): auto
+refuses it, and an explicit mode warns.
 
 >>> import torch
 >>> w = [torch.nn.Parameter(torch.zeros(2))]
@@ -45,9 +47,13 @@ def _classes(*names: str) -> tuple[type[Optimizer], ...]:
 
 
 # exact classes only: a subclass may change step() arbitrarily, so it gets the mechanism that is right for any
-GRAD_EXACT = _classes("SGD", "ASGD", "LBFGS")
+GRAD_EXACT = _classes("SGD", "ASGD")
 LR_EXACT = _classes("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Muon")
 _LR_WRONG = {"Rprop": "reads lr only when its state is created", "Adafactor": "caps lr with its relative step"}
+_NO_MODE = (
+    "LBFGS's quasi-Newton step undoes a constant gradient scale and its curvature pairs absorb a scaled step, so "
+    "no PDMP mode multiplies its update by gamma (measured: grad mode leaves it unchanged)"
+)
 # where optimizer wrappers keep the optimizer they drive: timm's Lookahead, pytorch_optimizer, ZeroRedundancyOptimizer
 _WRAPPED_ATTRS = ("_base_optimizer", "base_optimizer", "optimizer", "optim")
 
@@ -81,6 +87,8 @@ def is_scale_invariant(optimizer: Optimizer) -> bool:
     True
     """
     base = type(base_optimizer(optimizer))
+    if base is torch.optim.LBFGS:
+        return True
     return base in LR_EXACT or (base.__name__ in _LR_WRONG and base is getattr(torch.optim, base.__name__, None))
 
 
@@ -99,6 +107,11 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
     base = base_optimizer(optimizer)
     name = type(optimizer).__name__ if base is optimizer else f"{type(optimizer).__name__}({type(base).__name__})"
     shares_groups = base is optimizer or base.param_groups is optimizer.param_groups
+    if type(base) is torch.optim.LBFGS:
+        if mode == "auto":
+            raise ValueError(f"{_NO_MODE}; use another optimizer, or pass mode='grad' or 'update' knowingly")
+        _warn(f"mode={mode!r} with {name}: {_NO_MODE}")
+        return mode, "explicit"  # type: ignore[return-value]
     if mode == "auto":
         if type(base) in GRAD_EXACT:
             return "grad", f"auto: {name} follows the gradient's scale, so gradients are scaled"

@@ -32,6 +32,7 @@ from ._checks import check_gamma, check_gammas
 from ._groups import GroupSpec, merge_saved_groups, modality_of, split_param_groups, split_saved_groups
 from ._lr import (
     compensates_decay,
+    drop_exact_momentum,
     keeps_momentum_in_gamma_units,
     momentum_to_internal_,
     momentum_to_standard,
@@ -66,20 +67,16 @@ class _Plan:
     def __init__(
         self,
         source: tuple[tuple[dict[str, Any], list[Tensor], int], ...],
-        hooks_generation: int,
         by_gamma: list[tuple[float, list[Tensor]]],
         lr_groups: list[tuple[dict[str, Any], float, bool]],
-        conflict: str | None,
     ) -> None:
         self.source = source  # the groups, their params lists and lengths it was built from
-        self.hooks_generation = hooks_generation
         self.by_gamma = by_gamma  # "grad" and "update": each parameter once
         self.lr_groups = lr_groups  # "lr": (group, gamma, whether its weight decay is divided by gamma)
-        self.conflict = conflict  # why stepping would scale some gradient twice (backward hooks), if it would
 
     def fits(self, groups: list[dict[str, Any]]) -> bool:
-        """Whether it was built from these very groups, params lists and hook sets (plain loops: cheap to trace)."""
-        if self.hooks_generation != _hooked.generation() or len(groups) != len(self.source):
+        """Whether it was built from these very groups and params lists (plain loops: cheap to trace)."""
+        if len(groups) != len(self.source):
             return False
         for group, (built_from, params, length) in zip(groups, self.source, strict=True):
             if group is not built_from or group["params"] is not params or len(params) != length:
@@ -168,7 +165,11 @@ class PDMPOptimizer(Optimizer):
         self._modality_of = membership
         self._plan: _Plan | None = None
         self._mark: _ScaleMark | None = None
-        self._plan_for_step()
+        self._current_plan()
+        overlapping = _hooked.installed_conflict(self, membership)
+        if overlapping:
+            raise RuntimeError(_hooked.conflict_message(overlapping))
+        _hooked.optimizers.add(self)
         # SGD in "lr" mode keeps momentum in 1/gamma units; hooks on the inner optimizer convert its state dicts
         self._gamma_units = self._mode == "lr" and keeps_momentum_in_gamma_units(optimizer)
         self._register_inner_hooks()
@@ -270,12 +271,20 @@ class PDMPOptimizer(Optimizer):
                 f"{'learning rate' if self._mode == 'lr' else 'update'}, so the gradients stay as backward left them "
                 "(clip them as usual), or build PDMPOptimizer with mode='grad'"
             )
+        self._remember_scaled(self._scale_what_is_left(self._current_plan()))
+
+    def _scale_what_is_left(self, plan: _Plan) -> list[Tensor]:
+        """Multiply the gradients not scaled yet (per parameter: a gradient assigned since is new); returns them."""
+        buckets = self._buckets_for_step(plan)
+        multiply_grads_(buckets)
+        return [p for _, params in buckets for p in params if p.grad is not None]
+
+    def _remember_scaled(self, params: list[Tensor]) -> None:
         if self._marked():
-            return
-        self._forget_mark()
-        plan = self._plan_for_step()
-        multiply_grads_(plan.by_gamma)
-        self._mark = _ScaleMark(self, [p for _, params in plan.by_gamma for p in params if p.grad is not None])
+            self._mark.add(params)  # type: ignore[union-attr]
+        else:
+            self._forget_mark()
+            self._mark = _ScaleMark(self, params)
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -288,22 +297,34 @@ class PDMPOptimizer(Optimizer):
         With a ``closure``, in ``"grad"`` mode the gradients it computes are scaled every time the inner optimizer
         evaluates it (once for SGD, repeatedly for LBFGS), unless the closure itself called :meth:`scale_grads_`.
         """
-        plan = self._plan_for_step()
-        if self._mode == "lr":
-            return self._lr_step(plan, closure)
-        if self._mode == "update":
+        plan = self._current_plan()
+        if self._mode != "grad":
+            if _hooked.any_pending():
+                _hooked.leave_to_hooks(None, self._modality_of)  # hooks scaled some gradients: this would be twice
+            if self._mode == "lr":
+                return self._lr_step(plan, closure)
             before = snapshot(plan.by_gamma)
             loss = self._inner_step(closure)
             multiply_updates_(plan.by_gamma, before)
             return loss
         if closure is not None:
-            closure = self._scaling_closure(closure, plan)
-        elif not self._marked():
-            multiply_grads_(plan.by_gamma)
+            return self._closure_step(plan, closure)
+        scaled = self._scale_what_is_left(plan)
         try:
-            return self._inner_step(closure)
+            loss = self._inner_step(None)
+        except BaseException:
+            self._remember_scaled(scaled)  # the gradients stay scaled: a retried step must not scale them again
+            raise
+        self._forget_mark()
+        _hooked.settle(self._modality_of)
+        return loss
+
+    def _closure_step(self, plan: _Plan, closure: Callable[[], Any]) -> Any:
+        try:
+            return self._inner_step(self._scaling_closure(closure, plan))
         finally:
             self._forget_mark()
+            _hooked.settle(self._modality_of)
 
     def _lr_step(self, plan: _Plan, closure: Callable[[], Any] | None) -> Any:
         """lr x gamma (and weight decay / gamma where it is compensated) for the step; the originals put back."""
@@ -324,6 +345,7 @@ class PDMPOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``; also forgets an earlier :meth:`scale_grads_`."""
         self._forget_mark()
+        _hooked.settle(self._modality_of)
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -382,13 +404,17 @@ class PDMPOptimizer(Optimizer):
                 loaded = result
         config = loaded.pop(_STATE_KEY, None)
         loaded = self._split_saved_groups(self._optimizer, loaded) or loaded  # the layout of the optimizer you built
+        if not self._gamma_units:
+            loaded = drop_exact_momentum(loaded)  # SGD lr mode's exact buffers; this mode keeps standard units
         saved_groups = loaded.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
+        if "param_groups" in loaded and len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}; "
                 "was it saved from an optimizer built over the same param groups?"
             )
         gammas = self._gammas if config is None else self._check_config(config, loaded)
+        # (an inner optimizer with a state-dict layout of its own, such as pytorch_optimizer's Lookahead, has no
+        # top-level "param_groups": its own load_state_dict checks what it loads)
         self._refuse_while_marked("load a state dict")
         current, self._gammas, self._plan = self._gammas, gammas, None  # the units hook converts with these gammas
         try:
@@ -412,7 +438,8 @@ class PDMPOptimizer(Optimizer):
         self._mark = None
         self._init_hook_dicts()
         self._patch_step_function()
-        self._register_inner_hooks()  # the inner optimizer's copy dropped them, as torch drops all optimizer hooks
+        self._register_inner_hooks()
+        _hooked.optimizers.add(self)  # the inner optimizer's copy dropped them, as torch drops all optimizer hooks
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
@@ -430,14 +457,20 @@ class PDMPOptimizer(Optimizer):
     def _register_inner_hooks(self) -> None:
         """Hooks on the inner optimizer, so that its own ``load_state_dict`` takes the wrapper's state dicts (the
         layout you built) and SGD's state dicts show momentum in standard units, whichever path loads or saves."""
-        if self._layout is not None and hasattr(self._optimizer, "_optimizer_load_state_dict_pre_hooks"):
-            self._optimizer.register_load_state_dict_pre_hook(self._split_saved_groups)
+        inner = self._optimizer
+        mine = [
+            getattr(h, "__func__", None) for h in getattr(inner, "_optimizer_load_state_dict_pre_hooks", {}).values()
+        ]
+        if PDMPOptimizer._split_saved_groups in mine:
+            return  # already there: a shallow copy shares the inner optimizer (and the hooks read the same gammas)
+        if self._layout is not None and hasattr(inner, "_optimizer_load_state_dict_pre_hooks"):
+            inner.register_load_state_dict_pre_hook(self._split_saved_groups)
         if self._gamma_units:
-            self._optimizer.register_state_dict_post_hook(self._momentum_to_standard)
-            self._optimizer.register_load_state_dict_post_hook(self._momentum_to_internal)
+            inner.register_state_dict_post_hook(self._momentum_to_standard)
+            inner.register_load_state_dict_post_hook(self._momentum_to_internal)
 
     def _split_saved_groups(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
-        if self._layout is None or len(state_dict.get("param_groups", [])) == len(self.param_groups):
+        if self._layout is None or len(state_dict.get("param_groups", self.param_groups)) == len(self.param_groups):
             return None
         return split_saved_groups(state_dict, self._layout)
 
@@ -471,6 +504,8 @@ class PDMPOptimizer(Optimizer):
                 f"the checkpoint's 'pdmp' entry has format {found!r}; this pdmp-optim reads formats 1 and {_FORMAT}. "
                 "Save it again with this version, or load only the inner state with opt.optimizer.load_state_dict()"
             )
+        if "param_groups" not in loaded:  # a layout of the inner optimizer's own: nothing to map ids against
+            return self._adopted_gammas(config)
         saved_params = [g.get("params", []) for g in loaded.get("param_groups", [])]
         param_of = {
             i: p
@@ -485,6 +520,9 @@ class PDMPOptimizer(Optimizer):
                 "PDMPOptimizer with the checkpoint's groups, or load only the inner state with "
                 "opt.optimizer.load_state_dict(...)"
             )
+        return self._adopted_gammas(config)
+
+    def _adopted_gammas(self, config: Mapping[str, Any]) -> dict[str, float]:
         gammas = check_gammas(config.get("gammas", {}), self._gammas, what="the checkpoint's gammas")
         return {m: gammas.get(m, gamma) for m, gamma in self._gammas.items()}
 
@@ -495,27 +533,30 @@ class PDMPOptimizer(Optimizer):
                 "or None for parameters PDMP must leave untouched"
             )
 
-    def _plan_for_step(self) -> _Plan:
-        plan = self._current_plan()
-        if plan.conflict is not None:
-            raise RuntimeError(plan.conflict)
-        return plan
-
     def _current_plan(self) -> _Plan:
         """The plan for the param groups as they are now (``load_state_dict``, ``param_groups = ...`` and
         ``add_param_group`` on the inner optimizer all replace or change them)."""
         plan = self._plan
         if plan is None or not plan.fits(self.param_groups):
-            self._forget_mark()
             plan = self._plan = self._build_plan()
         return plan
+
+    def _buckets_for_step(self, plan: _Plan) -> list[tuple[float, list[Tensor]]]:
+        """The plan's buckets less the gradients already scaled: by :meth:`scale_grads_`, or by backward hooks built
+        from this optimizer (hooks built otherwise that scaled some of them raise)."""
+        buckets = plan.by_gamma
+        if _hooked.any_pending():
+            left = _hooked.leave_to_hooks(self, self._modality_of)
+            buckets = [(gamma, [p for p in params if p not in left]) for gamma, params in buckets]
+        if self._marked():
+            buckets = self._mark.unscaled(buckets)  # type: ignore[union-attr]
+        return buckets
 
     def _build_plan(self) -> _Plan:
         for group in self.param_groups:  # groups added on the inner optimizer may carry a modality tag
             self._check_tag(group.get("modality"))
             if group.get("modality") is not None:
                 self._modality_of.update(dict.fromkeys(group["params"], group["modality"]))
-        hooked, conflict = _hooked.overlap(self, self._modality_of)
         by_gamma: dict[float, list[Tensor]] = {}
         lr_groups: list[tuple[dict[str, Any], float, bool]] = []
         seen: set[Tensor] = set()
@@ -523,17 +564,15 @@ class PDMPOptimizer(Optimizer):
             modalities = {self._modality_of.get(p) for p in group["params"]}
             for p in group["params"]:
                 gamma = self._gamma_of(p)
-                if p not in seen and p not in hooked and gamma != 1.0:
+                if p not in seen and gamma != 1.0:
                     by_gamma.setdefault(gamma, []).append(p)
                 seen.add(p)
             if self._mode == "lr":
                 lr_groups.extend(self._lr_group(index, group, modalities))
         return _Plan(
             source=tuple((g, g["params"], len(g["params"])) for g in self.param_groups),
-            hooks_generation=_hooked.generation(),
             by_gamma=list(by_gamma.items()),
             lr_groups=lr_groups,
-            conflict=conflict,
         )
 
     def _lr_group(
@@ -591,8 +630,7 @@ class PDMPOptimizer(Optimizer):
         def scaled_closure() -> Any:
             with torch.enable_grad():
                 loss = closure()
-            if not self._marked():  # the closure may call scale_grads_() itself (Lightning hooks)
-                multiply_grads_(plan.by_gamma)
+            self._scale_what_is_left(plan)  # the closure may call scale_grads_() itself (Lightning hooks)
             return loss
 
         return scaled_closure
@@ -614,16 +652,18 @@ class PDMPOptimizer(Optimizer):
 
 
 class _ScaleMark:
-    """Remembers that :meth:`PDMPOptimizer.scale_grads_` scaled these gradients, until a backward reaches them.
+    """Remembers which gradients :meth:`PDMPOptimizer.scale_grads_` scaled, until a backward reaches them.
 
-    A hook on each scaled parameter runs before backward adds to its gradient: if the scaled gradients were zeroed
-    since (or set to None), a new step has begun and the mark is forgotten; if not, the backward would mix scaled and
-    unscaled gradient, and it raises.
+    Per parameter, the gradient tensor it scaled: one assigned since (or of a parameter added since) is not scaled
+    yet. A hook on each scaled parameter runs before backward adds to its gradient: if the scaled gradients were
+    zeroed since (or set to None), a new step has begun and the mark is forgotten; if not, the backward would mix
+    scaled and unscaled gradient, and it raises.
     """
 
     def __init__(self, opt: PDMPOptimizer, params: list[Tensor]) -> None:
         self.alive = True
-        self._scaled = [(p, p.grad) for p in params]
+        self._scaled: dict[Tensor, Tensor] = {}
+        self._handles: list[Any] = []
         opt_ref = weakref.ref(opt)
 
         def before_accumulation(grad: Tensor) -> None:
@@ -638,11 +678,23 @@ class _ScaleMark:
                 )
 
         before_accumulation.__torch_unserializable__ = True  # type: ignore[attr-defined]
-        self._handles = [p.register_hook(before_accumulation) for p in params if p.requires_grad]
+        self._hook = before_accumulation
+        self.add(params)
+
+    def add(self, params: list[Tensor]) -> None:
+        for p in params:
+            if p.grad is None:
+                continue
+            if p not in self._scaled and p.requires_grad:
+                self._handles.append(p.register_hook(self._hook))
+            self._scaled[p] = p.grad  # (a gradient assigned since the first record replaces it)
+
+    def unscaled(self, buckets: list[tuple[float, list[Tensor]]]) -> list[tuple[float, list[Tensor]]]:
+        return [(gamma, [p for p in params if self._scaled.get(p) is not p.grad]) for gamma, params in buckets]
 
     def _still_scaled(self) -> bool:
         """Whether some scaled gradient is still in place and not zeroed (read once, only on this rare path)."""
-        return any(p.grad is grad and bool(grad.any()) for p, grad in self._scaled if grad is not None)
+        return any(p.grad is grad and bool(grad.any()) for p, grad in self._scaled.items())
 
     def remove(self) -> None:
         self.alive = False

@@ -133,9 +133,9 @@ def test_hooks_from_a_mapping_removed_before_step_do_not_double_scale():
     """Inside the with-block step() refuses these hooks; after it, it silently scales a second time."""
     model = Encoders()
     opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.groups(), gammas=GAMMAS)
-    with scale_encoder_grads(model.groups(), GAMMAS):
-        model.loss().backward()
     try:
+        with scale_encoder_grads(model.groups(), GAMMAS):  # refusing here, before any backward, is best
+            model.loss().backward()
         opt.step()
     except RuntimeError:
         return

@@ -58,10 +58,19 @@ def test_auto_picks_lr_mode_for_every_adaptive_torch_optimizer(name):
     assert PDMPOptimizer(opt, {"m": [param]}, dominant="m").mode == expected
 
 
-@pytest.mark.parametrize("name", ["SGD", "ASGD", "LBFGS"])
+@pytest.mark.parametrize("name", ["SGD", "ASGD"])
 def test_auto_keeps_grad_mode_for_optimizers_that_follow_the_gradient_scale(name):
     param = torch.nn.Parameter(torch.zeros(2))
     assert resolve_mode(getattr(torch.optim, name)([param], lr=0.1), "auto")[0] == "grad"
+
+
+def test_auto_refuses_lbfgs_whose_update_no_mode_multiplies_and_an_explicit_mode_warns():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="no PDMP mode multiplies its update"):
+        resolve_mode(torch.optim.LBFGS([param]), "auto")
+    for mode in ("grad", "update"):
+        with pytest.warns(UserWarning, match="no PDMP mode multiplies its update"):
+            assert resolve_mode(torch.optim.LBFGS([param]), mode)[0] == mode
 
 
 def test_unknown_classes_get_update_mode_whatever_their_name():

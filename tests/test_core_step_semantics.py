@@ -4,6 +4,8 @@ clipping, across accumulation, inside closures, LBFGS included), and step() does
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _helpers import GAMMAS, TwoModal, assert_same_params, loss_of, reference_scale_grads
@@ -109,7 +111,10 @@ def test_closure_step_equals_the_reference_step(optimizer, mode):
 
 def test_lbfgs_scales_the_gradient_of_every_closure_evaluation():
     model, reference_model = TwoModal(), TwoModal()
-    opt = PDMPOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), model.groups(), dominant="visual")
+    with pytest.warns(UserWarning, match="no PDMP mode multiplies its update"):  # the arithmetic is still exact
+        opt = PDMPOptimizer(
+            torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), model.groups(), dominant="visual", mode="grad"
+        )
     reference = torch.optim.LBFGS(reference_model.parameters(), lr=0.5, max_iter=4)
     evaluations = []
 
@@ -136,8 +141,9 @@ def test_lbfgs_scales_the_gradient_of_every_closure_evaluation():
 def test_lbfgs_line_search_is_refused_in_grad_mode():
     model = TwoModal()
     lbfgs = torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe")
-    with pytest.raises(ValueError, match=r"use LBFGS\(line_search_fn=None\)"):
-        PDMPOptimizer(lbfgs, model.groups(), dominant="visual")
+    with pytest.raises(ValueError, match=r"use LBFGS\(line_search_fn=None\)"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        PDMPOptimizer(lbfgs, model.groups(), dominant="visual", mode="grad")
 
 
 class CountOps(TorchDispatchMode):

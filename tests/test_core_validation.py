@@ -132,7 +132,7 @@ def test_split_after_a_scheduler_is_attached_is_refused():
 
 def test_lbfgs_cannot_be_split_for_lr_mode():
     model = TwoModal()
-    with pytest.raises(ValueError, match="LBFGS supports a single param group"):
+    with pytest.raises(ValueError, match="LBFGS supports a single param group"), pytest.warns(UserWarning):
         PDMPOptimizer(torch.optim.LBFGS(model.parameters()), model.groups(), dominant="audio", mode="lr")
 
 
