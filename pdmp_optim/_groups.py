@@ -42,9 +42,12 @@ def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
     if not groups:
         raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
     owned = {p for group in optimizer.param_groups for p in group["params"]}
+    flat = [p for p in owned if getattr(p, "_is_flat_param", False)]  # FSDP1 without use_orig_params
     membership: dict[Tensor, str] = {}
     for modality, spec in groups.items():
-        for p in _owned_params(check_name(modality), spec, owned):
+        if flat and isinstance(spec, nn.Module):
+            _check_not_split(check_name(modality), spec, flat)
+        for p in _owned_params(check_name(modality), spec, owned, bool(flat)):
             other = membership.setdefault(p, modality)
             if other != modality:
                 raise ValueError(
@@ -144,7 +147,27 @@ def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-def _owned_params(modality: str, spec: Any, owned: set[Tensor]) -> list[Tensor]:
+_FSDP_WAY_OUT = (
+    "; the optimizer holds FSDP flat parameters (FSDP1 with use_orig_params=False), which mix the parameters of "
+    "several modules: wrap each encoder in its own FSDP unit, pass use_orig_params=True, or scale the encoders' "
+    "output gradients with scale_encoder_grads and a plain optimizer"
+)
+
+
+def _check_not_split(modality: str, encoder: nn.Module, flat: list[Tensor]) -> None:
+    """Refuse an encoder whose parameters FSDP1 flattened together with parameters of other modules."""
+    inside = set(encoder.modules())
+    for p in flat:
+        modules: set[nn.Module] = getattr(p, "_modules", set())
+        shared = [m for m in modules if m in inside]
+        if shared and len(shared) != len(modules):
+            raise ValueError(
+                f"groups[{modality!r}]: some of its parameters are flattened into an FSDP flat parameter together with "
+                f"parameters of other modules, so PDMP could scale the encoder only in part{_FSDP_WAY_OUT}"
+            )
+
+
+def _owned_params(modality: str, spec: Any, owned: set[Tensor], flat: bool = False) -> list[Tensor]:
     params: list[Tensor]
     if isinstance(spec, nn.Module):
         params = list(spec.parameters())
@@ -164,13 +187,17 @@ def _owned_params(modality: str, spec: Any, owned: set[Tensor]) -> list[Tensor]:
             kept.append(p)
         elif p.requires_grad:
             raise ValueError(
-                f"groups[{modality!r}] holds a parameter of shape {tuple(p.shape)} that the optimizer does not own; "
-                "build the optimizer over all trainable parameters (model.parameters())"
+                f"groups[{modality!r}] holds a parameter of shape {tuple(p.shape)} that the optimizer does not own"
+                + (
+                    _FSDP_WAY_OUT
+                    if flat
+                    else "; build the optimizer over all trainable parameters (model.parameters())"
+                )
             )
     if not kept:
         raise ValueError(
-            f"groups[{modality!r}] has no parameter that the optimizer trains; "
-            "pass the modality's encoder (its trainable parameters) or drop the entry"
+            f"groups[{modality!r}] has no parameter that the optimizer trains"
+            + (_FSDP_WAY_OUT if flat else "; pass the modality's encoder (its trainable parameters) or drop the entry")
         )
     return kept
 

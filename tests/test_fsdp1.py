@@ -10,8 +10,8 @@ twin (as ``tests/test_distributed.py`` does):
 * the backward-hook helper, ``scale_encoder_grads``, on the encoder units with a plain optimizer.
 
 What must be a clear error naming the way out, never a silent no-op: encoders flattened into a unit they share
-with other parameters (the root unit), and an encoder split across flat parameters. The tests marked ``xfail`` hold
-the behaviour asked for and not given today (reported; the errors live in the optimizer's group resolution).
+with other parameters (the root unit), and an encoder split across flat parameters. The test marked ``xfail`` holds
+behaviour asked for and not given today: the hook helper on an encoder flattened into a shared unit.
 """
 
 from __future__ import annotations
@@ -203,13 +203,13 @@ WAY_OUT = r"(?s)FSDP.*(scale_encoder_grads|own FSDP unit|use_orig_params=True)"
 
 
 def test_encoders_flattened_into_a_shared_unit_are_refused(ranks) -> None:
-    """Refused today, with ValueErrors that do not say why (the message asked for below is not there yet)."""
+    """Refused at construction: the encoder's modules share a flat parameter with the head, and parameter lists taken
+    before wrapping are not what the optimizer holds."""
     for results in ranks:
-        assert results["root-modules"].startswith("ValueError: groups['audio'] has no parameter that the optimizer")
+        assert results["root-modules"].startswith("ValueError: groups['audio']: some of its parameters are flattened")
         assert results["root-params"].startswith("ValueError: groups['audio'] holds a parameter of shape (8, 6)")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the refusal does not name FSDP's flat parameters or the way out")
 def test_the_refusal_names_the_flat_parameters_and_the_way_out(ranks) -> None:
     for results in ranks:
         for case in ("root-modules", "root-params"):
@@ -217,7 +217,6 @@ def test_the_refusal_names_the_flat_parameters_and_the_way_out(ranks) -> None:
             assert re.search(WAY_OUT, results[case]), results[case]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: an encoder split across flat parameters is scaled only in part")
 def test_an_encoder_split_across_flat_parameters_is_refused(ranks) -> None:
     for results in ranks:
         assert results["split"] != "accepted", "PDMP silently scales only the audio layers in a unit of their own"
