@@ -222,7 +222,7 @@ def _check_encoders(encoders: Any, gammas: Mapping[str, float]) -> None:
                 f"encoders[{modality!r}] must be an nn.Module (hooks attach to modules), got "
                 f"{type(encoder).__name__}; for a list of parameters use PDMPOptimizer's 'grad' mode"
             )
-        if not any(p.requires_grad for p in encoder.parameters()):
+        if not _trains_something(encoder):
             raise ValueError(
                 f"encoders[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "
                 "module that holds the modality's trainable encoder"
@@ -234,6 +234,14 @@ def _check_encoders(encoders: Any, gammas: Mapping[str, float]) -> None:
             "give every encoder a coefficient and every coefficient an encoder"
         )
     _check_disjoint(encoders)
+
+
+def _trains_something(encoder: nn.Module) -> bool:
+    """A trainable parameter, or a tensor attribute that requires grad (FSDP1 with flat parameters leaves views of
+    the flat parameter on the modules in place of their parameters)."""
+    if any(p.requires_grad for p in encoder.parameters()):
+        return True
+    return any(isinstance(v, Tensor) and v.requires_grad for m in encoder.modules() for v in vars(m).values())
 
 
 def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:

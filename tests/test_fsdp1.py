@@ -10,8 +10,8 @@ twin (as ``tests/test_distributed.py`` does):
 * the backward-hook helper, ``scale_encoder_grads``, on the encoder units with a plain optimizer.
 
 What must be a clear error naming the way out, never a silent no-op: encoders flattened into a unit they share
-with other parameters (the root unit), and an encoder split across flat parameters. The test marked ``xfail`` holds
-behaviour asked for and not given today: the hook helper on an encoder flattened into a shared unit.
+with other parameters (the root unit), and an encoder split across flat parameters. The hook helper works on an
+encoder flattened into a shared unit (its modules hold views of the flat parameter).
 """
 
 from __future__ import annotations
@@ -223,8 +223,6 @@ def test_an_encoder_split_across_flat_parameters_is_refused(ranks) -> None:
         assert re.search(WAY_OUT, results["split"]), results["split"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: scale_encoder_grads refuses an encoder whose parameters FSDP1 "
-                   "flattened into a shared unit ('has no trainable parameter')")  # fmt: skip
 def test_the_hook_helper_works_on_encoders_flattened_into_the_root_unit(ranks) -> None:
     for rank, results in enumerate(ranks):
         assert not isinstance(results["hooks-root"], str), results["hooks-root"]
