@@ -640,7 +640,6 @@ def _check(check: PremiseCheck) -> dict[str, Any]:
     """The fields of a premise check that the report uses."""
     return {
         "verdict": check.verdict,
-        "worth_trying": check.worth_trying,
         "shortfall": check.shortfall,
         "std_error": check.std_error,
         "unimodal_score": check.unimodal_score,
@@ -762,7 +761,6 @@ def premise_points(results: Mapping[str, Any]) -> dict[str, Any]:
                 "n": gap["n"],
                 "seeds_below": rec["seeds_vanilla_below"],
                 **{f"check_{k}": c["verdict"] for k, c in checks.items() if isinstance(c, dict)},
-                **{f"worth_{k}": c["worth_trying"] for k, c in checks.items() if isinstance(c, dict)},
                 "m_p_is_m_o": checks.get("stage1_m_p_is_m_o"),
             }
         )
@@ -1208,9 +1206,12 @@ def _premise_plot(plt: Any, pvg: Mapping[str, Any], path: Path) -> Path:
                 lw=0.8,
                 label=f"{label}, {'real' if is_real else 'generated'} data",
             )
-    for p in pvg["points"]:
-        if p["source"] == "task":
-            ax.annotate(p["task"], (p["gap"], p["gain"]), xytext=(4, 3), textcoords="offset points", fontsize=6)
+    offsets = [(4, 3), (4, -9), (-30, 8), (4, 10)]  # cycled, so that neighbouring labels do not overlap
+    labelled = [p for p in pvg["points"] if p["source"] == "task"]
+    for i, p in enumerate(sorted(labelled, key=lambda p: (p["gap"], p["gain"]))):
+        label = p["task"].replace("mfeat_", "mfeat ").replace("_", "+") if p["task"] in MFEAT_TASKS else p["task"]
+        offset = offsets[i % len(offsets)]
+        ax.annotate(label, (p["gap"], p["gain"]), xytext=offset, textcoords="offset points", fontsize=6)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("vanilla − best unimodal (test points; < 0: the premise holds)")
@@ -1253,7 +1254,7 @@ def print_summary(results: Mapping[str, Any]) -> None:
             c = p["checks"]["full"]
             print(
                 f"  check_premise on val (what you can compute before adopting PDMP): {c['verdict']}, "
-                f"shortfall {100 * c['shortfall']:+.2f} points, worth trying: {c['worth_trying']}"
+                f"shortfall {100 * c['shortfall']:+.2f} ± {100 * (c['std_error'] or 0):.2f} points"
             )
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {why}")
@@ -1327,11 +1328,15 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
 
 
 def _rounded(obj: Any) -> Any:
-    """Floats rounded to 6 decimals (accuracies are multiples of 1/n anyway); keeps the JSON small."""
+    """Floats rounded to 6 decimals (accuracies are multiples of 1/n anyway); keeps the JSON small.
+
+    Rankings stay exact, so that ``ModalityRanking.from_dict`` accepts them back (it checks that ``agreement``
+    matches ``run_winners``, e.g. 2/3, to the last digits).
+    """
     if isinstance(obj, float):
         return round(obj, 6)
     if isinstance(obj, Mapping):
-        return {k: _rounded(v) for k, v in obj.items()}
+        return {k: v if k == "ranking" else _rounded(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_rounded(v) for v in obj]
     return obj

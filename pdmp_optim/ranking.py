@@ -130,8 +130,8 @@ class ModalityRanking:
         >>> unimodal = rank_modalities({"audio": [[0.40, 0.60], [0.41, 0.61], [0.42, 0.60]],
         ...                             "visual": [[0.20, 0.80], [0.22, 0.82], [0.21, 0.81]]})
         >>> check = unimodal.check_premise([0.74, 0.76, 0.75])  # joint model, validation accuracy per seed
-        >>> check.verdict, round(check.shortfall, 3), check.worth_trying
-        ('holds', 0.06, True)
+        >>> check.verdict, check.holds, round(check.shortfall, 3)
+        ('holds', True, 0.06)
         >>> unimodal.check_premise([0.86, 0.85, 0.87]).verdict
         'fails'
         >>> unimodal.check_premise([0.80, 0.82, 0.79]).verdict
@@ -146,9 +146,12 @@ class ModalityRanking:
         exceeds ``z`` standard errors, ``"fails"`` when the joint model leads by more than that, and is ``"too
         close to call"`` otherwise, or when both sides have a single run (no spread to judge by).
 
-        :attr:`PremiseCheck.worth_trying` also needs a fast modality to damp: when the performance-dominant
-        modality is also the optimization-dominant one, the paper's rule gives every encoder ``gamma_p`` and
-        PDMP acts as a larger learning rate, so it is ``False`` (see :attr:`PremiseCheck.notes`).
+        When the performance-dominant modality is also the optimization-dominant one, the paper's rule gives
+        every encoder ``gamma_p`` (a larger learning rate, not a prioritisation); :attr:`PremiseCheck.notes` then
+        names ``PDMPOptimizer(..., dominant=...)`` without the ranking, which damps every other modality. The
+        optimization-dominant modality is read at ``early_epoch``: where every modality is still near chance
+        there it is noise (the notes then usually report runs that disagree on it), so rank with a later
+        ``early_epoch`` or name ``optimization_dominant=`` yourself.
 
         Args:
             joint: the jointly trained model's validation score, one number per run (a number, a list, a
@@ -254,10 +257,7 @@ class PremiseCheck:
         unimodal_score: its mean final score; ``joint_score``: the joint model's mean score.
         unimodal_runs, joint_runs: how many runs each mean is over.
         z: the threshold used, in standard errors.
-        worth_trying: ``True`` when the premise holds and the ranking has a fast modality other than
-            ``best_unimodal`` to damp; ``False`` when the premise fails or there is nothing to damp; ``None``
-            when too close to call.
-        notes: what else to know (a single run, nothing to damp, a doubtful ranking).
+        notes: what else to know (a single run, nothing for the rule to damp, a doubtful ranking).
     """
 
     verdict: str
@@ -270,7 +270,6 @@ class PremiseCheck:
     unimodal_runs: int
     joint_runs: int
     z: float
-    worth_trying: bool | None
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
@@ -286,7 +285,7 @@ class PremiseCheck:
             True: "PDMP is worth trying",
             False: "PDMP is not expected to help",
             None: "try PDMP only against a tuned learning rate on a validation split",
-        }[self.worth_trying]
+        }[self.holds]
         text = (
             f"premise {self.verdict}: the joint model ({self.joint_score:.4g}, {self.joint_runs} "
             f"run{'s' if self.joint_runs != 1 else ''}) {relation} ({self.unimodal_score:.4g}, "
@@ -333,18 +332,14 @@ def _check_premise(ranking: ModalityRanking, joint: Any, z: Any) -> PremiseCheck
     else:
         holds = None
     verdict = {True: "holds", False: "fails", None: "too close to call"}[holds]
-    m_o = ranking.optimization_dominant
-    damped = m_o is None or m_o != best
-    if not damped:
+    if ranking.optimization_dominant == best:
         notes.append(
-            f"{best!r} is both performance- and optimization-dominant: the rule gives every encoder gamma_p, "
-            "so PDMP acts as a larger learning rate; compare it with a tuned learning rate instead"
+            f"{best!r} is also optimization-dominant: with this ranking the paper's rule gives every encoder "
+            f"gamma_p (a larger learning rate, not a prioritisation); to prioritise {best!r}, pass "
+            f"dominant={best!r} to PDMPOptimizer without the ranking (every other modality gets 1/gamma_p)"
         )
     if not ranking.confident:
         notes.append("the ranking itself is not clear-cut: " + "; ".join(ranking.notes))
-    worth = None if holds is None else bool(holds and damped)
-    if holds is None and not damped:
-        worth = False
     return PremiseCheck(
         verdict=verdict,
         holds=holds,
@@ -356,7 +351,6 @@ def _check_premise(ranking: ModalityRanking, joint: Any, z: Any) -> PremiseCheck
         unimodal_runs=n_u,
         joint_runs=n_j,
         z=z,
-        worth_trying=worth,
         notes=tuple(notes),
     )
 

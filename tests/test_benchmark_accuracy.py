@@ -380,7 +380,7 @@ def test_sweep_premise_checks_and_premise_vs_gain_in_a_micro_run(tmp_path) -> No
     assert sweep["0.95"]["tables"]["I"]["vanilla"]["n"] == 2 and set(sweep["0.95"]["tables"]) == {"I"}
     premise = results["tasks"]["crema_d_shortcut"]["premise"]
     checks = premise["checks"]
-    assert set(checks["full"]) >= {"verdict", "worth_trying", "shortfall", "std_error", "notes"}
+    assert set(checks["full"]) >= {"verdict", "shortfall", "std_error", "notes"}
     assert checks["full"]["runs"] == [3, 3] and checks["full_3_seeds"]["runs"] == [3, 3]
     assert checks["stage1"]["runs"] == [2, 3]  # stage 1's two seeds against the first three joint seeds
     assert checks["full"]["verdict"] in ("holds", "fails", "too close to call")

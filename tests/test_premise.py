@@ -2,7 +2,7 @@
 
 Its decisions on known cases: the premise clearly holds, clearly fails, is too close to call; how the spread of
 the runs enters (Welch standard error, a single run borrowing the other side's spread, no spread at all); losses;
-the nothing-to-damp case (m_p is also m_o); and bad input.
+the note when the rule has nothing to damp (m_p is also m_o); and bad input.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def ranking() -> ModalityRanking:
 def test_clearly_holds(ranking: ModalityRanking) -> None:
     check = ranking.check_premise([0.74, 0.76, 0.75])
     assert isinstance(check, PremiseCheck)
-    assert (check.verdict, check.holds, check.worth_trying) == ("holds", True, True)
+    assert (check.verdict, check.holds) == ("holds", True)
     assert check.best_unimodal == "visual"
     assert check.shortfall == pytest.approx(0.81 - 0.75)
     assert (check.unimodal_runs, check.joint_runs) == (3, 3)
@@ -43,14 +43,14 @@ def test_clearly_holds(ranking: ModalityRanking) -> None:
 
 def test_clearly_fails(ranking: ModalityRanking) -> None:
     check = ranking.check_premise([0.86, 0.85, 0.87])
-    assert (check.verdict, check.holds, check.worth_trying) == ("fails", False, False)
+    assert (check.verdict, check.holds) == ("fails", False)
     assert check.shortfall == pytest.approx(-0.05)
     assert "leads the best unimodal model 'visual'" in str(check) and "not expected to help" in str(check)
 
 
 def test_too_close_to_call(ranking: ModalityRanking) -> None:
     check = ranking.check_premise([0.80, 0.82, 0.79])
-    assert (check.verdict, check.holds, check.worth_trying) == ("too close to call", None, None)
+    assert (check.verdict, check.holds) == ("too close to call", None)
     assert abs(check.shortfall) < 2 * check.std_error
     assert "tuned learning rate" in str(check)
 
@@ -84,12 +84,7 @@ def test_one_run_on_each_side_is_never_called(ranking: ModalityRanking) -> None:
     single = rank_modalities({"audio": [0.4, 0.6], "visual": [0.2, 0.8]})
     for joint in (0.5, 0.95):  # even a gap of 30 points: one run each says nothing about the spread
         check = single.check_premise(joint)
-        assert (check.verdict, check.holds, check.std_error, check.worth_trying) == (
-            "too close to call",
-            None,
-            None,
-            None,
-        )
+        assert (check.verdict, check.holds, check.std_error) == ("too close to call", None, None)
         assert any("one run on each side" in n for n in check.notes)
 
 
@@ -105,18 +100,23 @@ def test_losses_flip_the_sign() -> None:
     assert better.verdict == "fails" and better.shortfall == pytest.approx(-0.10)
 
 
-def test_nothing_to_damp_when_m_p_is_also_m_o() -> None:
-    # ave_like in the benchmark: the best modality is also the fastest, the rule gives every encoder gamma_p
+def test_a_note_when_the_rule_has_nothing_to_damp() -> None:
+    # ave_like in the benchmark: the best modality is also the fastest, and the rule gives every encoder gamma_p
     same = rank_modalities({"audio": [[0.6, 0.85], [0.62, 0.84]], "visual": [[0.2, 0.5], [0.22, 0.52]]})
     assert same.performance_dominant == same.optimization_dominant == "audio"
-    check = same.check_premise([0.80, 0.81])
-    assert check.verdict == "holds" and check.worth_trying is False
-    assert any("both performance- and optimization-dominant" in n for n in check.notes)
-    assert same.check_premise([0.845, 0.846]).worth_trying is False  # too close to call, nothing to damp either
-    # without early scores m_o is unknown: the rule damps every other modality, so there is something to damp
+    for joint in ([0.80, 0.81], [0.845, 0.846], [0.90, 0.91]):  # holds, too close to call, fails: always noted
+        check = same.check_premise(joint)
+        assert any("'audio' is also optimization-dominant" in n and "dominant='audio'" in n for n in check.notes)
+    assert [same.check_premise(j).verdict for j in ([0.80, 0.81], [0.845, 0.846], [0.90, 0.91])] == [
+        "holds",
+        "too close to call",
+        "fails",
+    ]
+    # a different m_o, or none known (final scores only: every other modality is damped): no such note
+    assert rank_modalities(UNIMODAL).check_premise([0.7, 0.71]).notes == ()
     finals = rank_modalities({"audio": 0.85, "visual": 0.5})
     assert finals.optimization_dominant is None
-    assert finals.check_premise([0.80, 0.79, 0.81]).worth_trying is True
+    assert not any("optimization-dominant" in n for n in finals.check_premise([0.80, 0.79, 0.81]).notes)
 
 
 def test_a_doubtful_ranking_is_noted() -> None:
