@@ -229,6 +229,7 @@ class PDMPOptimizer(Optimizer):
                 f"gammas has no coefficient for {missing}; give one for every modality {list(self._gammas)}"
             )
         self._refuse_while_marked("change gammas")
+        self._current_plan()
         old = {id(g): self._group_gamma(g) for g in self.param_groups}
         self._gammas = new
         self._plan = None
@@ -280,6 +281,8 @@ class PDMPOptimizer(Optimizer):
         return [p for _, params in buckets for p in params if p.grad is not None]
 
     def _remember_scaled(self, params: list[Tensor]) -> None:
+        if not params:
+            return  # nothing was scaled: no mark (an empty one would never be cleared by a backward)
         if self._marked():
             self._mark.add(params)  # type: ignore[union-attr]
         else:
@@ -363,6 +366,7 @@ class PDMPOptimizer(Optimizer):
         self._check_tag(param_group.get("modality"))
         self._optimizer.add_param_group(param_group)
         self._plan = None
+        self._current_plan()  # adopt the group's modality tag now: state dicts and unit hooks read it
 
     # --------------------------------------------------------------------------------------- checkpoints
     @torch._disable_dynamo
@@ -475,9 +479,11 @@ class PDMPOptimizer(Optimizer):
         return split_saved_groups(state_dict, self._layout)
 
     def _momentum_to_standard(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        self._current_plan()  # adopts the modality tags of groups added on the inner optimizer since
         return momentum_to_standard(state_dict, self.param_groups, self._group_gamma)
 
     def _momentum_to_internal(self, optimizer: Optimizer) -> None:
+        self._current_plan()
         momentum_to_internal_(optimizer, self._group_gamma)
 
     def _group_gamma(self, group: dict[str, Any]) -> float:
@@ -486,6 +492,7 @@ class PDMPOptimizer(Optimizer):
 
     def _config(self) -> dict[str, Any]:
         """The PDMP configuration as plain data, parameters named by their state-dict ids."""
+        self._current_plan()  # adopts the modality tags of groups added on the inner optimizer since
         modalities: dict[str, list[int]] = {m: [] for m in self._gammas}
         ids: dict[int, int] = {}
         for group in self.param_groups:
@@ -498,6 +505,7 @@ class PDMPOptimizer(Optimizer):
 
     def _check_config(self, config: Any, loaded: Mapping[str, Any]) -> dict[str, float]:
         """The gammas of a saved ``"pdmp"`` entry, after checking that it describes this optimizer's modalities."""
+        self._current_plan()  # adopts the modality tags of groups added on the inner optimizer since
         if not isinstance(config, Mapping) or config.get("format") not in (1, _FORMAT):
             found = config.get("format") if isinstance(config, Mapping) else type(config).__name__
             raise ValueError(

@@ -201,9 +201,10 @@ class Reference:
                         state["momentum_buffer"] = state["momentum_buffer"] * factor
 
     def scale_grads_(self) -> None:
+        # a mark only where some gradient was scaled: with none there yet, the next backward's are new ones
         if self.mode == "grad" and not self.scaled:
             self.multiply_grads()
-            self.scaled = True
+            self.scaled = any(p.grad is not None for p, gamma in self.modality_params() if gamma != 1.0)
 
     def step(self, inner: Callable[[], Any], premultiplied: bool = False) -> Any:
         """Apply the coefficients around ``inner`` (the plain optimizer's step, or ``scaler.step``)."""
