@@ -577,6 +577,12 @@ class PDMPOptimizer(Optimizer):
                 seen.add(p)
             if self._mode == "lr":
                 lr_groups.extend(self._lr_group(index, group, modalities))
+        if not any(p in seen for p in self._modality_of):
+            raise ValueError(
+                "none of the modalities' parameters is in the optimizer's param groups any more (an engine such as "
+                "DeepSpeed ZeRO replaces them with flat partitions), so PDMP would scale nothing; scale the encoders' "
+                "output gradients with scale_encoder_grads instead (see the engines how-to)"
+            )
         return _Plan(
             source=tuple((g, g["params"], len(g["params"])) for g in self.param_groups),
             by_gamma=list(by_gamma.items()),

@@ -512,3 +512,14 @@ def test_lr_mode_refuses_a_gamma_that_overflows_its_hyperparameters():
                         gammas={"audio": 1e-300, "visual": 1.0})  # fmt: skip
     other(0).backward()
     opt.step()
+
+
+def test_param_groups_replaced_by_tensors_of_no_modality_are_refused_not_left_unscaled():
+    """What DeepSpeed ZeRO does to a client optimizer: its param groups end up holding flat partitions."""
+    model = Pair()
+    opt = PDMPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.groups(), gammas=GAMMAS)
+    flat = nn.Parameter(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.ones_like(flat)
+    with pytest.raises(ValueError, match="scale_encoder_grads instead"):
+        opt.step()
