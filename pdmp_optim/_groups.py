@@ -1,32 +1,38 @@
-"""Which parameter belongs to which modality, checked against what the optimizer owns.
+"""Which parameter belongs to which modality, and param groups holding one modality each.
+
+Every param group of a ``PDMPOptimizer`` holds a single modality and says so: ``"modality"`` (``None`` for the
+parameters PDMP leaves alone) and ``"gamma"``. A group that mixes modalities is split into one group per modality
+with the same settings; each part records in ``"pdmp_split"`` the size of the group it came from and its positions
+there, which is all a checkpoint of the unsplit optimizer needs to be loaded.
 
 >>> import torch
 >>> enc, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
->>> sgd = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1)
->>> len(modality_of(sgd, {"audio": enc}))
-2
+>>> group = {"params": [*enc.parameters(), *head.parameters()], "lr": 0.1}
+>>> [(modality, part["pdmp_split"]) for modality, part in split_group(group, ["a", "a", None, None])]
+[('a', [4, [0, 1]]), (None, [4, [2, 3]])]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._checks import check_name
+from ._checks import check_gammas, check_name
 
-__all__ = ["GroupSpec", "Layout", "merge_saved_groups", "modality_of", "split_param_groups", "split_saved_groups"]
-
-Layout = list[list[list[int]]]  # per original group, the positions (in it) of the parameters of each part
+__all__ = ["HOOK_MARK", "SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
 
 GroupSpec = nn.Module | Iterable[Tensor]
+SPLIT_KEY = "pdmp_split"  # [size of the group it was split from, positions of its parameters there]
+_TAGS = ("modality", "gamma", SPLIT_KEY)
+HOOK_MARK = "_pdmp_encoder_hook"  # marks the forward hooks of scale_encoder_grads, which scale gradients too
 
 
 def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) -> dict[Tensor, str]:
-    """``{parameter: modality}`` from ``groups``, or from the ``"modality"`` tags of the param groups."""
+    """``{parameter: modality}`` for every parameter named in ``groups`` (frozen ones too: they may be added later), or
+    from the ``"modality"`` tags of the param groups when ``groups`` is ``None``."""
     if groups is None:
         tagged = [g for g in optimizer.param_groups if g.get("modality") is not None]
         if not tagged:
@@ -47,104 +53,108 @@ def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
     for modality, spec in groups.items():
         if flat and isinstance(spec, nn.Module):
             _check_not_split(check_name(modality), spec, flat)
-        for p in _owned_params(check_name(modality), spec, owned, bool(flat)):
+        for p in _params(check_name(modality), spec, owned, bool(flat)):
             other = membership.setdefault(p, modality)
             if other != modality:
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} is in both groups[{other!r}] and groups[{modality!r}]; "
                     "give every parameter to at most one modality"
                 )
-    _check_tags_agree(optimizer, membership)
+    if not any(p in owned for p in membership):
+        raise ValueError(
+            "the optimizer trains none of the parameters in groups" + (_FSDP_WAY_OUT if flat else "; build it over "
+            "all trainable parameters (model.parameters()), or unfreeze an encoder before wrapping")
+        )  # fmt: skip
     return membership
 
 
-def split_param_groups(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> Layout:
-    """Split, in place, every param group that mixes modalities into one group per modality (same settings).
-
-    Returns the layout of the split, which :func:`split_saved_groups` applies to a checkpoint of the unsplit optimizer.
-    """
-    new_groups: list[dict[str, Any]] = []
-    layout: Layout = []
-    for group in optimizer.param_groups:
-        by_modality: dict[str | None, list[int]] = {}
-        for index, p in enumerate(group["params"]):
-            by_modality.setdefault(membership.get(p), []).append(index)
-        layout.append(list(by_modality.values()))
-        if len(by_modality) <= 1:
-            new_groups.append(group)
-            continue
-        if "initial_lr" in group:
-            raise ValueError(
-                "this mode must split a param group that mixes modalities, but an LR scheduler is already attached "
-                "to the optimizer; create the scheduler after PDMPOptimizer, on the PDMPOptimizer"
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("LBFGS supports a single param group, so mode='lr' cannot split it; use mode='grad'")
-        for indices in by_modality.values():
-            # tensor settings (a tensor lr) are cloned, so that changing one group's value in place changes only it
-            part = {k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()}
-            part["params"] = [group["params"][i] for i in indices]
-            if "param_names" in group:
-                part["param_names"] = [group["param_names"][i] for i in indices]
-            new_groups.append(part)
-    optimizer.param_groups[:] = new_groups
-    return layout
-
-
-def split_saved_groups(state_dict: Mapping[str, Any], layout: Layout) -> dict[str, Any] | None:
-    """A state dict of the unsplit optimizer with its param groups split like :func:`split_param_groups` did, or
-    ``None`` if it does not have the unsplit optimizer's groups. Per-parameter state is keyed by position: unchanged.
-    """
-    saved = state_dict.get("param_groups", [])
-    if len(saved) != len(layout) or any(
-        len(g["params"]) != sum(map(len, parts)) for g, parts in zip(saved, layout, strict=True)
-    ):
-        return None
-    groups = []
-    for group, parts in zip(saved, layout, strict=True):
-        for indices in parts:
-            part = {**group, "params": [group["params"][i] for i in indices]}
-            if "param_names" in group:
-                part["param_names"] = [group["param_names"][i] for i in indices]
-            groups.append(part)
-    return {**state_dict, "param_groups": groups}
-
-
-def merge_saved_groups(state_dict: dict[str, Any], layout: Layout) -> tuple[dict[str, Any], dict[int, int]] | None:
-    """The inverse of :func:`split_saved_groups`: the state dict the unsplit optimizer would have saved, and how the
-    parameter ids were renumbered; ``None`` if the parts of a group no longer share their settings."""
-    saved, groups, start = state_dict.get("param_groups"), [], 0
-    if saved is None or sum(map(len, layout)) != len(saved):
-        return None
-    for parts in layout:
-        chunk, start = saved[start : start + len(parts)], start + len(parts)
-        if any(not _same_settings(chunk[0], other) for other in chunk[1:]):
-            return None
-        merged = {**chunk[0]}
+def split_group(group: dict[str, Any], modalities: Sequence[str | None]) -> list[tuple[str | None, dict[str, Any]]]:
+    """``group`` as one group per modality (``modalities[i]`` is that of ``group["params"][i]``), paired with it; the
+    group itself when it holds a single modality. Nothing is changed in place."""
+    positions: dict[str | None, list[int]] = {}
+    for index, modality in enumerate(modalities):
+        positions.setdefault(modality, []).append(index)
+    if len(positions) <= 1:
+        return [(next(iter(positions), None), group)]
+    parts = []
+    for modality, indices in positions.items():
+        # tensor settings (a tensor lr) are cloned, so that changing one group's value in place changes only it
+        part = {k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()}
         for key in ("params", "param_names"):
-            if key in chunk[0]:
-                merged[key] = [None] * sum(map(len, parts))
-                for group, indices in zip(chunk, parts, strict=True):
-                    for index, value in zip(indices, group[key], strict=True):
-                        merged[key][index] = value
-        groups.append(merged)
-    renumber: dict[int, int] = {}  # as Optimizer.state_dict numbers them: by first appearance
+            if key in group:
+                part[key] = [group[key][i] for i in indices]
+        part[SPLIT_KEY] = [len(modalities), indices]
+        parts.append((modality, part))
+    return parts
+
+
+def in_live_layout(
+    loaded: dict[str, Any], live: list[dict[str, Any]], modalities: Mapping[str, float]
+) -> dict[str, Any]:
+    """A checkpoint in the layout of the ``live`` groups: this version's as it is (its modalities checked), a plain
+    optimizer's (or 0.2.0's, whose ``"pdmp"`` entry holds the gammas) split like the groups were."""
+    config, saved = loaded.pop("pdmp", None), loaded.get("param_groups")
+    if not isinstance(saved, list):
+        return loaded  # a layout of the inner optimizer's own (pytorch_optimizer's Lookahead): it checks it
+    if config is None and all("gamma" in g for g in saved) and len(saved) == len(live):
+        for old, group in zip(saved, live, strict=True):
+            if old.get("modality") != group["modality"]:
+                raise ValueError(
+                    f"the checkpoint has a param group of modality {old.get('modality')!r} where this optimizer "
+                    f"has {group['modality']!r}; build PDMPOptimizer with the groups= it was saved with"
+                )
+        return loaded
+    if config is not None and (not isinstance(config, Mapping) or config.get("format") != 2):
+        raise ValueError(
+            "the checkpoint's 'pdmp' entry is not one pdmp-optim 0.2.0 wrote; load only the inner optimizer's "
+            "state with opt.optimizer.load_state_dict(...)"
+        )
+    groups = _saved_in_live_layout(saved, live)
+    if groups is None:
+        raise ValueError(
+            f"the checkpoint has {len(saved)} param groups, which are not the ones this optimizer's {len(live)} were "
+            "split from; load it into the optimizer you wrapped *before* wrapping it, or build the optimizer with "
+            "the same param groups"
+        )
+    gammas = check_gammas((config or {}).get("gammas", {}), modalities, what="the checkpoint's gammas")
     for group in groups:
-        for index in group["params"]:
-            renumber.setdefault(index, len(renumber))
-    groups = [{**group, "params": [renumber[i] for i in group["params"]]} for group in groups]
-    state = {renumber[i]: entry for i, entry in state_dict["state"].items() if i in renumber}
-    return {**state_dict, "state": state, "param_groups": groups}, renumber
+        group["gamma"] = gammas.get(group["modality"], group["gamma"])
+    state = {i: {k: v for k, v in s.items() if k != "pdmp_momentum_buffer"} for i, s in loaded["state"].items()}
+    return {**loaded, "state": state, "param_groups": groups}
 
 
-def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = (set(a) | set(b)) - {"params", "param_names"}
-    return all(
-        torch.equal(a[k], b[k])
-        if isinstance(a.get(k), Tensor) and isinstance(b.get(k), Tensor)
-        else a.get(k) == b.get(k)
-        for k in keys
-    )
+def _saved_in_live_layout(saved: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The param groups of a checkpoint saved without PDMP (before any split) in the layout of the ``live`` groups,
+    with their PDMP keys, or ``None`` when the checkpoint has other groups than those the live ones were split from.
+    """
+    originals = [[group] for group in live] if len(saved) == len(live) else _by_origin(live)
+    if len(originals) != len(saved):
+        return None
+    out = []
+    for parts, old in zip(originals, saved, strict=True):
+        if len(parts) > 1 and parts[0][SPLIT_KEY][0] != len(old["params"]):
+            return None
+        for part in parts:
+            positions = part[SPLIT_KEY][1] if len(parts) > 1 else range(len(old["params"]))
+            new = {**old, **{k: part[k] for k in _TAGS if k in part}}
+            for key in ("params", "param_names"):
+                if key in old:
+                    new[key] = [old[key][i] for i in positions]
+            out.append(new)
+    return out
+
+
+def _by_origin(live: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The live groups gathered by the group they were split from (the parts of a group are consecutive)."""
+    originals: list[list[dict[str, Any]]] = []
+    for group in live:
+        run = originals[-1] if originals else []
+        size = run[0][SPLIT_KEY][0] if run and SPLIT_KEY in run[0] else 0
+        if SPLIT_KEY in group and sum(len(part[SPLIT_KEY][1]) for part in run) < size:
+            run.append(group)
+        else:
+            originals.append([group])
+    return originals
 
 
 _FSDP_WAY_OUT = (
@@ -167,9 +177,15 @@ def _check_not_split(modality: str, encoder: nn.Module, flat: list[Tensor]) -> N
             )
 
 
-def _owned_params(modality: str, spec: Any, owned: set[Tensor], flat: bool = False) -> list[Tensor]:
+def _params(modality: str, spec: Any, owned: set[Tensor], flat: bool) -> list[Tensor]:
+    """The parameters of ``groups[modality]``; a trainable one the optimizer does not own is refused."""
     params: list[Tensor]
     if isinstance(spec, nn.Module):
+        if any(getattr(hook, HOOK_MARK, False) for m in spec.modules() for hook in m._forward_hooks.values()):
+            raise ValueError(
+                f"groups[{modality!r}] carries scale_encoder_grads hooks, which already scale its gradients; remove() "
+                "them and let PDMPOptimizer scale, or keep the hooks with a plain optimizer"
+            )
         params = list(spec.parameters())
     elif isinstance(spec, Tensor):
         params = [spec]
@@ -179,34 +195,15 @@ def _owned_params(modality: str, spec: Any, owned: set[Tensor], flat: bool = Fal
         raise TypeError(
             f"groups[{modality!r}] must be an nn.Module or an iterable of parameters, got {type(spec).__name__}"
         )
-    kept = []
     for p in params:
         if not isinstance(p, Tensor):
             raise TypeError(f"groups[{modality!r}] holds a {type(p).__name__}, not a parameter tensor")
-        if p in owned:
-            kept.append(p)
-        elif p.requires_grad:
+        if p not in owned and p.requires_grad:
             raise ValueError(
-                f"groups[{modality!r}] holds a parameter of shape {tuple(p.shape)} that the optimizer does not own"
-                + (
-                    _FSDP_WAY_OUT
-                    if flat
-                    else "; build the optimizer over all trainable parameters (model.parameters())"
-                )
-            )
-    if not kept:
-        raise ValueError(
-            f"groups[{modality!r}] has no parameter that the optimizer trains"
-            + (_FSDP_WAY_OUT if flat else "; pass the modality's encoder (its trainable parameters) or drop the entry")
-        )
-    return kept
-
-
-def _check_tags_agree(optimizer: Optimizer, membership: Mapping[Tensor, str]) -> None:
-    for group in optimizer.param_groups:
-        tag = group.get("modality")
-        if tag is not None and any(membership.get(p) != tag for p in group["params"]):
-            raise ValueError(
-                f"a param group is tagged modality={tag!r} but groups= assigns its parameters differently; "
-                "use either the tags or groups="
-            )
+                f"groups[{modality!r}] holds a trainable parameter of shape {tuple(p.shape)} that the optimizer does "
+                "not own" + (_FSDP_WAY_OUT if flat else "; build the optimizer over all trainable parameters "
+                "(model.parameters())")
+            )  # fmt: skip
+    if not params:
+        raise ValueError(f"groups[{modality!r}] has no parameters; pass the modality's encoder or drop the entry")
+    return params

@@ -34,10 +34,9 @@ differ, by design of the math, when:
 Weight decay done inside the optimizer (``SGD(weight_decay=...)``, ``AdamW``) is added after the gradient is
 final, so it is *not* scaled, in this mode and in ``"grad"`` mode alike.
 
-Built from a ``PDMPOptimizer`` (``scale_encoder_grads(encoders, opt)``), the hooks use its gammas (also after
-``opt.gammas = ...``) and ``opt.step()`` leaves those modalities to them, so each gradient is scaled once and
-schedulers attached to ``opt`` see the steps they expect. Hooks built from a mapping or a ranking while a
-``PDMPOptimizer`` also scales the same parameters would scale them twice: its ``step()`` then raises.
+It replaces ``PDMPOptimizer``'s gradient scaling, with a plain optimizer: never combine the two over the same
+encoders (each gradient would be scaled twice). ``PDMPOptimizer`` refuses encoders that carry these hooks, and the
+hooks refuse an optimizer as their coefficients. With SGD, ``PDMPOptimizer(mode="lr")`` costs no pass at all.
 """
 
 from __future__ import annotations
@@ -51,14 +50,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _hooked
 from ._checks import check_gammas, check_name
-from .optimizer import PDMPOptimizer
+from ._groups import HOOK_MARK
 from .ranking import ModalityRanking
 
 __all__ = ["EncoderGradScaling", "scale_encoder_grads"]
 
-Gammas = Mapping[str, float] | PDMPOptimizer | ModalityRanking
+Gammas = Mapping[str, float] | ModalityRanking
 
 
 class EncoderGradScaling:
@@ -75,33 +73,36 @@ class EncoderGradScaling:
     >>> hooks.remove()
 
     Raises:
-        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is none of a mapping, a
-            ``ModalityRanking`` or a ``PDMPOptimizer``.
+        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is neither a mapping nor a
+            ``ModalityRanking`` (an optimizer, a ``PDMPOptimizer`` included, is refused).
         ValueError: empty ``encoders``; modality names that differ between ``encoders`` and ``gammas``; a gamma
             that is not a finite number > 0; the same module (or one inside another) given twice; an encoder
-            without trainable parameters; a ``PDMPOptimizer`` whose mode is not ``"grad"``.
+            without trainable parameters.
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], gammas: Gammas) -> None:
-        self.owner, fixed = _gammas_source(gammas)
+        fixed = _gammas_of(gammas)
         _check_encoders(encoders, fixed)
-        self._fixed = fixed
+        self._gammas = fixed
         self._warned_upstream = False
         self._handles: list[RemovableHandle] = []
-        hooked = [m for m in encoders if self._gamma(m) != 1.0 or self.owner is not None]
-        self._params_of = {m: frozenset(encoders[m].parameters()) for m in hooked}
-        self.scaled_params: set[Tensor] = {p for m in hooked for p in self._params_of[m]}
-        self.pending: set[Tensor] = set()  # parameters whose gradients the hooks scaled, until their optimizer steps
-        if self.owner is None and _hooked.scaled_by_an_optimizer(self.scaled_params):
-            raise RuntimeError(_hooked.conflict_message(_hooked.scaled_by_an_optimizer(self.scaled_params)))
-        self._handles = [encoders[m].register_forward_hook(self._forward_hook(m)) for m in hooked]
-        if self._handles:
-            _hooked.track(self)
+        for modality, encoder in encoders.items():
+            hook = self._forward_hook(modality)
+            setattr(hook, HOOK_MARK, True)
+            self._handles.append(encoder.register_forward_hook(hook))
 
     @property
     def gammas(self) -> dict[str, float]:
-        """The coefficient of each modality (a copy; read from the ``PDMPOptimizer`` when built from one)."""
-        return {m: self._gamma(m) for m in self._fixed}
+        """The coefficient of each modality (a copy); assign a whole mapping to change them for later backwards."""
+        return dict(self._gammas)
+
+    @gammas.setter
+    def gammas(self, value: Mapping[str, float]) -> None:
+        new = check_gammas(value, self._gammas)
+        missing = [m for m in self._gammas if m not in new]
+        if missing:
+            raise ValueError(f"gammas has no coefficient for {missing}; give one for every modality")
+        self._gammas = new
 
     @property
     def active(self) -> bool:
@@ -113,7 +114,6 @@ class EncoderGradScaling:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        _hooked.settle(())  # forgets this set once nothing it scaled is pending any more
 
     def __enter__(self) -> EncoderGradScaling:
         return self
@@ -126,23 +126,13 @@ class EncoderGradScaling:
     def __repr__(self) -> str:
         return f"EncoderGradScaling({'active' if self.active else 'removed'}, gammas={self.gammas})"
 
-    def _gamma(self, modality: str) -> float:
-        return self._fixed[modality] if self.owner is None else self.owner.gammas[modality]
-
     def _forward_hook(self, modality: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
-            gamma = self._gamma(modality)
+            gamma = self._gammas[modality]
             if gamma != 1.0:
-                params = self._params_of[modality]
-
-                def scale(grad: Tensor) -> Tensor:
-                    if self.owner is not None:
-                        self.pending |= params  # until the owner steps or zeroes them: it leaves them to the hooks
-                    return grad * gamma
-
-                _register_on_tensors(output, scale, modality)
+                _register_on_tensors(output, lambda grad: grad * gamma, modality)
             if not self._warned_upstream and _any_tensor_requires_grad(inputs):
                 self._warned_upstream = True
                 warnings.warn(
@@ -169,9 +159,8 @@ def scale_encoder_grads(encoders: Mapping[str, nn.Module], gammas: Gammas) -> En
         encoders: modality name -> the module whose output is that modality's representation (the last
             module before fusion).
         gammas: modality -> coefficient (finite, > 0), e.g. ``ranking.gammas(gamma_p=15)``; a
-            :class:`~pdmp_optim.ModalityRanking` (its ``gammas()``); or a ``PDMPOptimizer`` in ``"grad"`` mode,
-            whose gammas are used and whose ``step()`` then leaves these modalities to the hooks. Every encoder
-            needs a coefficient and every coefficient an encoder.
+            :class:`~pdmp_optim.ModalityRanking` (its ``gammas()``). Every encoder needs a coefficient and every
+            coefficient an encoder.
 
     Returns:
         An :class:`EncoderGradScaling`; ``remove()`` it, or use it as a context manager.
@@ -187,24 +176,21 @@ def scale_encoder_grads(encoders: Mapping[str, nn.Module], gammas: Gammas) -> En
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _gammas_source(gammas: Any) -> tuple[PDMPOptimizer | None, dict[str, float]]:
-    """(the optimizer the gammas are read from, or None; the gammas as they are now)."""
-    if isinstance(gammas, PDMPOptimizer):
-        if gammas.mode != "grad":
-            raise ValueError(
-                f"the PDMPOptimizer is in {gammas.mode!r} mode: its optimizer normalises the gradient scale away (or "
-                "PDMP scales its update), so scaling encoder gradients would not do what its gammas mean; keep "
-                "using that PDMPOptimizer on its own"
-            )
-        return gammas, dict(gammas.gammas)
+def _gammas_of(gammas: Any) -> dict[str, float]:
     if isinstance(gammas, ModalityRanking):
-        return None, gammas.gammas()
-    if isinstance(gammas, torch.optim.Optimizer) or not isinstance(gammas, Mapping):
+        return gammas.gammas()
+    if isinstance(gammas, torch.optim.Optimizer):
         raise TypeError(
-            f"gammas must map modality -> coefficient, or be a ModalityRanking or a PDMPOptimizer, got "
-            f"{type(gammas).__name__}; e.g. ranking.gammas(gamma_p=15)"
+            "scale_encoder_grads takes the coefficients, not an optimizer: a PDMPOptimizer scales these gradients "
+            "itself, so the two together would scale them twice. Use the hooks with a plain optimizer and "
+            "dict(opt.gammas), or the PDMPOptimizer alone (mode='lr' costs SGD no pass over the gradients)"
         )
-    return None, check_gammas(gammas)
+    if not isinstance(gammas, Mapping):
+        raise TypeError(
+            f"gammas must map modality -> coefficient, or be a ModalityRanking, got {type(gammas).__name__}; "
+            "e.g. ranking.gammas(gamma_p=15)"
+        )
+    return check_gammas(gammas)
 
 
 def _check_encoders(encoders: Any, gammas: Mapping[str, float]) -> None:

@@ -19,11 +19,11 @@ lets ``m_p`` dominate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from ._checks import as_finite, check_gamma, check_name
+from ._checks import as_finite, check_gamma, check_gammas, check_name
 
-# check_gamma lives in _checks; it stays importable from here while other modules still import it from here.
-__all__ = ["pdmp_gammas"]
+__all__ = ["pdmp_gammas", "resolve_gammas"]
 
 
 def pdmp_gammas(
@@ -92,3 +92,56 @@ def _early_scores(early_scores: Mapping[str, float], names: list[str]) -> dict[s
     if missing:
         raise ValueError(f"early_scores has no entry for {missing}; give one score per modality")
     return {m: as_finite(early_scores[m], f"early_scores[{m!r}]") for m in names}
+
+
+def resolve_gammas(
+    modalities: list[str],
+    dominant: str | None,
+    gamma_p: float,
+    optimization_dominant: str | None,
+    gammas: Mapping[str, float] | None,
+    ranking: Any,
+) -> dict[str, float]:
+    """The coefficient of every modality from ``PDMPOptimizer``'s arguments: the rule, then explicit ``gammas``.
+
+    >>> resolve_gammas(["audio", "visual"], "visual", 15, None, {"audio": 0.5}, None)
+    {'audio': 0.5, 'visual': 15.0}
+    """
+    resolved: dict[str, float] = {}
+    if ranking is not None:
+        resolved = _from_ranking(ranking, modalities, dominant, optimization_dominant, gamma_p)
+    elif dominant is not None:
+        resolved = pdmp_gammas(modalities, dominant, gamma_p=gamma_p, optimization_dominant=optimization_dominant)
+    elif optimization_dominant is not None:
+        raise ValueError("optimization_dominant= needs dominant= (the performance-dominant modality) too")
+    else:
+        check_gamma(gamma_p, "gamma_p")
+    if gammas is not None:
+        resolved.update(check_gammas(gammas, modalities))
+    missing = [m for m in modalities if m not in resolved]
+    if missing:
+        raise ValueError(f"no coefficient for {missing}; pass dominant= (or ranking=), or gammas for every modality")
+    return {m: resolved[m] for m in modalities}
+
+
+def _from_ranking(
+    ranking: Any, modalities: list[str], dominant: str | None, optimization_dominant: str | None, gamma_p: float
+) -> dict[str, float]:
+    from .ranking import ModalityRanking  # (the ranking module uses this one)
+
+    if not isinstance(ranking, ModalityRanking):
+        raise TypeError(f"ranking must be a ModalityRanking from rank_modalities, got {type(ranking).__name__}")
+    if set(ranking.order) != set(modalities):
+        raise ValueError(
+            f"ranking covers modalities {sorted(ranking.order)} but groups has {sorted(modalities)}; "
+            "rank exactly the modalities you pass in groups"
+        )
+    if dominant is not None and dominant != ranking.performance_dominant:
+        raise ValueError(
+            f"dominant={dominant!r} contradicts ranking.performance_dominant={ranking.performance_dominant!r}; "
+            "pass one of them, or explicit gammas"
+        )
+    if optimization_dominant is not None:
+        raise ValueError("pass either ranking= or optimization_dominant=, not both")
+    gammas = ranking.gammas(gamma_p=gamma_p)
+    return {m: gammas[m] for m in modalities}

@@ -1,29 +1,26 @@
-"""How PDMP applies a modality's coefficient: to its gradients, its learning rate, or its update.
+"""How PDMP applies a modality's coefficient, and which way ``mode="auto"`` picks for an optimizer.
 
-PDMP multiplies each modality's *update* by its coefficient. Three mechanisms do that, each exact only for some
-optimizers:
+Each mode equals a reference you can build by hand (:mod:`pdmp_optim.reference` builds them):
 
-* ``"grad"`` multiplies the gradients before the step (the paper's Eq. 10-11). Right for optimizers whose
-  update follows the gradient's scale: SGD, ASGD. Adaptive and sign-based optimizers normalise that scale away,
-  so there it would silently change almost nothing.
-* ``"lr"`` multiplies each modality's learning rate for the duration of the step and restores it exactly.
-  Right for optimizers whose update is proportional to ``lr`` at every step: Adam and kin, RMSprop, Adagrad,
-  Adadelta, Muon. Not for Rprop (it reads ``lr`` only when its state is created) or Adafactor (its relative step
-  caps ``lr``).
-* ``"update"`` takes the step, then sets ``p = p_old + gamma * (p - p_old)`` for the modality's parameters.
-  Right for any optimizer, at the cost of one copy of those parameters per step.
+* ``"grad"``: the bare optimizer on the modality's gradients multiplied by gamma (the paper's Eq. 10-11). Its
+  update is multiplied by gamma when the update is linear in the gradient: torch's SGD and ASGD.
+* ``"lr"``: the bare optimizer with the modality's ``lr`` multiplied by gamma for the step (its weight decay divided
+  by gamma where the decay is SGD's or decoupled, see :func:`compensates_decay`). Its update is multiplied by
+  gamma when the update is proportional to ``lr``: the Adam family, RMSprop, Adagrad, and most other optimizers.
+* ``"update"``: the bare step, then ``p = p_old + gamma * (p - p_old)``. Exact for additive optimizers that keep no
+  copy of the parameters in their state: torch's Rprop (``lr`` is only its initial step size) and Adafactor
+  (``lr`` is only a cap). Not what it sounds like for optimizers that rebuild the parameters from their state
+  (Lookahead, schedule-free, FTRL): the next step pulls the multiplied step back.
 
-``mode="auto"`` picks ``"grad"`` or ``"lr"`` only for the torch classes listed above (looking through wrappers
-such as Lookahead to the optimizer they drive) and ``"update"`` for everything else, except LBFGS, which no mode
-fits (its quasi-Newton step undoes a constant gradient scale, and its curvature pairs absorb a scaled step): auto
-refuses it, and an explicit mode warns.
+``mode="auto"`` picks ``"grad"`` for the SGD family, ``"update"`` for Rprop and Adafactor, and ``"lr"`` for every
+other optimizer whose param groups have an ``lr``; it looks through a wrapper only where the wrapper is linear in
+the step of the optimizer it drives (Lookahead, ``ZeroRedundancyOptimizer``), and refuses where no mode can be
+shown to hold (LBFGS, no ``lr``). An explicit mode that is known not to move the modality warns.
 
 >>> import torch
 >>> w = [torch.nn.Parameter(torch.zeros(2))]
->>> resolve_mode(torch.optim.SGD(w, lr=0.1), "auto")[0]
-'grad'
->>> resolve_mode(torch.optim.AdamW(w), "auto")[0]
-'lr'
+>>> resolve_mode(torch.optim.SGD(w, lr=0.1), "auto")[0], resolve_mode(torch.optim.AdamW(w), "auto")[0]
+('grad', 'lr')
 >>> resolve_mode(torch.optim.Rprop(w), "auto")[0]
 'update'
 """
@@ -31,106 +28,111 @@ refuses it, and an explicit mode warns.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["MODES", "Mode", "base_optimizer", "is_scale_invariant", "resolve_mode"]
+__all__ = ["MODES", "Mode", "compensates_decay", "driven_optimizer", "resolve_mode"]
 
 Mode = Literal["auto", "grad", "lr", "update"]
 MODES: tuple[str, ...] = ("auto", "grad", "lr", "update")
 
-
-def _classes(*names: str) -> tuple[type[Optimizer], ...]:
-    return tuple(getattr(torch.optim, name) for name in names if hasattr(torch.optim, name))
-
-
-# exact classes only: a subclass may change step() arbitrarily, so it gets the mechanism that is right for any
-GRAD_EXACT = _classes("SGD", "ASGD")
-LR_EXACT = _classes("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Muon")
-_LR_WRONG = {"Rprop": "reads lr only when its state is created", "Adafactor": "caps lr with its relative step"}
+# exact classes: a subclass may change step() arbitrarily
+_GRADIENT_LINEAR = (torch.optim.SGD, torch.optim.ASGD)
+_ADDITIVE = {"Rprop": "reads lr only as its initial step size", "Adafactor": "uses lr only as a cap"}
+# optimizers that rebuild the parameters from their own state: a multiplied step is pulled back (measured)
+_REBUILDS = ("Lookahead", "Ranger", "ScheduleFree", "FTRL", "SRMM", "Nero", "DAdaptAdaGrad", "A2Grad", "MADGRAD")
 _NO_MODE = (
-    "LBFGS's quasi-Newton step undoes a constant gradient scale and its curvature pairs absorb a scaled step, so "
-    "no PDMP mode multiplies its update by gamma (measured: grad mode leaves it unchanged)"
+    "LBFGS keeps a single param group and its quasi-Newton step undoes a constant gradient scale, so no PDMP mode "
+    "multiplies its update by gamma; use another optimizer"
 )
-# where optimizer wrappers keep the optimizer they drive: timm's Lookahead, pytorch_optimizer, ZeroRedundancyOptimizer
-_WRAPPED_ATTRS = ("_base_optimizer", "base_optimizer", "optimizer", "optim")
 
 
-def base_optimizer(optimizer: Optimizer) -> Optimizer:
-    """The optimizer that really computes the update, looking through wrappers such as Lookahead or ZeRO.
+def driven_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The optimizer whose step a linear wrapper (Lookahead, ``ZeroRedundancyOptimizer``) drives, else ``optimizer``.
 
     >>> import torch
     >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    >>> base_optimizer(sgd) is sgd
+    >>> driven_optimizer(sgd) is sgd
     True
     """
-    seen = {id(optimizer)}
-    while True:
-        inner = next(
-            (getattr(optimizer, a) for a in _WRAPPED_ATTRS if isinstance(getattr(optimizer, a, None), Optimizer)), None
-        )
-        if inner is None or id(inner) in seen:
-            return optimizer
-        seen.add(id(inner))
+    seen = set()
+    while _is_linear_wrapper(optimizer) and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        inner = next((v for a in ("_base_optimizer", "optimizer", "optim") if isinstance(v := getattr(optimizer, a,
+                      None), Optimizer)), None)  # fmt: skip
+        if inner is None:
+            break
         optimizer = inner
-
-
-def is_scale_invariant(optimizer: Optimizer) -> bool:
-    """Whether multiplying every gradient by a constant leaves ``optimizer``'s update (almost) unchanged.
-
-    True for torch's adaptive and sign-based optimizers (also inside a wrapper); unknown classes give ``False``.
-
-    >>> import torch
-    >>> is_scale_invariant(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]))
-    True
-    """
-    base = type(base_optimizer(optimizer))
-    if base is torch.optim.LBFGS:
-        return True
-    return base in LR_EXACT or (base.__name__ in _LR_WRONG and base is getattr(torch.optim, base.__name__, None))
+    return optimizer
 
 
 def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr", "update"], str]:
     """Return the concrete mode for ``optimizer`` and a short reason (shown by ``repr``).
 
-    An explicit mode that cannot multiply this optimizer's update by gamma warns (``"grad"`` on an adaptive
-    optimizer, ``"lr"`` on Rprop/Adafactor) or raises (``"lr"`` on a wrapper that keeps param groups of its own).
-
     >>> import torch
     >>> resolve_mode(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "auto")
-    ('grad', "auto: SGD follows the gradient's scale, so gradients are scaled")
+    ('grad', "auto: SGD's update is linear in the gradient, so gradients are scaled")
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    base = base_optimizer(optimizer)
+    base = driven_optimizer(optimizer)
     name = type(optimizer).__name__ if base is optimizer else f"{type(optimizer).__name__}({type(base).__name__})"
-    shares_groups = base is optimizer or base.param_groups is optimizer.param_groups
+    has_lr = all("lr" in group for group in optimizer.param_groups)
     if type(base) is torch.optim.LBFGS:
-        if mode == "auto":
-            raise ValueError(f"{_NO_MODE}; use another optimizer, or pass mode='grad' or 'update' knowingly")
-        _warn(f"mode={mode!r} with {name}: {_NO_MODE}")
-        return mode, "explicit"  # type: ignore[return-value]
+        raise ValueError(_NO_MODE)
+    if mode == "lr" and not has_lr:
+        raise ValueError(f"mode='lr' scales each group's 'lr', but {name} has none; use mode='grad' or 'update'")
+    gradient_linear = type(base) in _GRADIENT_LINEAR
+    torch_class = type(base) is getattr(torch.optim, type(base).__name__, None)
+    additive = _ADDITIVE.get(type(base).__name__) if torch_class else None
     if mode == "auto":
-        if type(base) in GRAD_EXACT:
-            return "grad", f"auto: {name} follows the gradient's scale, so gradients are scaled"
-        if type(base) in LR_EXACT and shares_groups:
-            return "lr", f"auto: {name} normalises the gradient scale away and its update is proportional to lr"
-        return "update", f"auto: PDMP knows no exact lr or gradient rule for {name}, so its update is scaled"
-    if mode == "grad" and is_scale_invariant(optimizer):
-        _warn(f"mode='grad' with {name}: it normalises the gradient scale away, so multiplying gradients changes its "
-              "updates very little; use mode='auto' (or 'lr'/'update') to scale the updates")  # fmt: skip
-    if mode == "lr":
-        if not shares_groups:
-            raise ValueError(
-                f"mode='lr' with {name}: the wrapper keeps param groups of its own, so the learning rates PDMP would "
-                "scale are not the ones its inner optimizer reads; use mode='update' (or 'auto')"
-            )
-        reason = _LR_WRONG.get(type(base).__name__)
-        if reason is not None and type(base) is getattr(torch.optim, type(base).__name__, None):
-            _warn(f"mode='lr' with {name}: it {reason}, so its update is not multiplied by gamma; use mode='update'")
+        if gradient_linear:
+            return "grad", f"auto: {name}'s update is linear in the gradient, so gradients are scaled"
+        if additive:
+            return "update", f"auto: {name} {additive} and keeps no copy of the parameters, so its update is scaled"
+        if has_lr:
+            return "lr", f"auto: {name}'s update is proportional to lr (as for the Adam family), so lr is scaled"
+        raise ValueError(
+            f"mode='auto' knows no mode that multiplies {name}'s update: it is not SGD, Rprop or Adafactor and its "
+            "param groups have no 'lr'; pass mode='grad' (gradients multiplied) or mode='update' (steps multiplied) "
+            "if you know one holds for it"
+        )
+    if mode == "grad" and not gradient_linear:
+        _warn(f"mode='grad' with {name}: its update is not known to be linear in the gradient (adaptive and "
+              "sign-based optimizers normalise scale away), so gamma may have no effect; use mode='auto'")  # fmt: skip
+    elif mode == "lr" and additive:
+        _warn(f"mode='lr' with {name}: it {additive}, so lr x gamma barely moves the modality; use mode='auto'")
+    elif mode == "update" and any(key.lower() in type(base).__name__.lower() for key in _REBUILDS):
+        _warn(f"mode='update' with {name}: it rebuilds the parameters from its own state, so its next steps pull a "
+              "multiplied step back; use mode='auto' (lr)")  # fmt: skip
     return mode, "explicit"  # type: ignore[return-value]
+
+
+def compensates_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``"lr"`` mode divides ``group``'s weight decay by gamma while it multiplies its lr.
+
+    For SGD, ``lr * gamma`` with ``weight_decay / gamma`` is grad mode's step in exact arithmetic; for a decoupled
+    decay (AdamW, ``decoupled_weight_decay=True``, Muon) it keeps ``lr * weight_decay``, the decay, as set.
+
+    >>> import torch
+    >>> adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], weight_decay=0.01)
+    >>> compensates_decay(adamw, adamw.param_groups[0])
+    True
+    """
+    if "weight_decay" not in group:
+        return False
+    return (
+        type(optimizer) is torch.optim.SGD
+        or bool(group.get("decoupled_weight_decay"))  # torch >= 2.6 marks AdamW's groups so, too
+        or type(driven_optimizer(optimizer)) in (torch.optim.AdamW, getattr(torch.optim, "Muon", None))
+    )
+
+
+def _is_linear_wrapper(optimizer: Optimizer) -> bool:
+    zero = getattr(getattr(torch.distributed, "optim", None), "ZeroRedundancyOptimizer", None)
+    return type(optimizer).__name__ == "Lookahead" or (zero is not None and isinstance(optimizer, zero))
 
 
 def _warn(message: str) -> None:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from pdmp_optim.reference import reference_grad_step
+#from pdmp_optim.reference import reference_grad_step
 
 GAMMAS = {"audio": 1 / 15, "visual": 15.0}  # what dominant="visual" (gamma_p=15) gives two modalities
 
