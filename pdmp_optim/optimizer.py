@@ -426,10 +426,10 @@ class PDMPOptimizer(Optimizer):
         for group in self.param_groups:
             now, wanted = group.get(_UNITS, 1.0), 1.0 if standard else group["gamma"]
             if now != wanted:
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and state.get("momentum_buffer") is not None:
-                        state["momentum_buffer"] = state["momentum_buffer"] * (now / wanted)
+                states = [s for s in map(self.state.get, group["params"]) if s and s.get("momentum_buffer") is not None]
+                buffers = torch._foreach_mul([s["momentum_buffer"] for s in states], now / wanted) if states else []
+                for state, buffer in zip(states, buffers, strict=True):
+                    state["momentum_buffer"] = buffer  # (new tensors: a state dict saved before keeps its own)
                 group[_UNITS] = wanted
 
     def _inner_step(self, closure: Callable[[], Any] | None) -> Any:

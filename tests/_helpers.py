@@ -1,20 +1,20 @@
-"""The tiny two-modality model, its data and the reference loop that the tests share (real modules, real autograd).
+"""The one model, its data and the comparisons that the tests share (real modules, real autograd).
 
-The reference is :mod:`pdmp_optim.reference`, the slow twin of the optimizer: tests step a plain optimizer with
-``reference_grad_step`` / ``reference_lr_step`` / ``reference_update_step`` and compare. :func:`reference_scale_grads`
-is ``reference_grad_step`` without its step, for loops that clip or let a ``GradScaler`` step in between.
+The reference every test compares against is :class:`pdmp_optim.reference.PDMPReference`, the slow twin of
+``PDMPOptimizer`` with the same API: build both with :func:`pair` and step them side by side.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-#from pdmp_optim.reference import reference_grad_step
+from pdmp_optim import PDMPOptimizer
+from pdmp_optim.reference import PDMPReference
 
 GAMMAS = {"audio": 1 / 15, "visual": 15.0}  # what dominant="visual" (gamma_p=15) gives two modalities
 
@@ -22,29 +22,40 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 class TwoModal(nn.Module):
-    """Late fusion by concatenation: ``head(cat(audio(x_audio), visual(x_visual)))``.
+    """Late fusion by concatenation: ``head(cat(audio(x_audio) + sum(extras(x_audio)), visual(x_visual)))``.
 
     The audio encoder has two layers (4 tensors, 128 parameters), the visual one a single layer (2 tensors, 88
     parameters) and the head 2 tensors (51 parameters), so that per-modality counts and state-dict ids differ.
+    ``extras`` are further audio layers, outside ``groups()`` and ``trained()``, for tests that add parameters later
+    (``add_param_group({"params": ..., "modality": "audio"})``).
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, extras: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.audio = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
-        self.visual = nn.Sequential(nn.Linear(10, 8), nn.Tanh())
-        self.head = nn.Linear(16, 3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.audio = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.visual = nn.Sequential(nn.Linear(10, 8), nn.Tanh())
+            self.head = nn.Linear(16, 3)
+            self.extras = nn.ModuleList(nn.Linear(6, 8) for _ in range(extras))
 
     def forward(self, audio: Tensor, visual: Tensor) -> Tensor:
-        return self.head(torch.cat([self.audio(audio), self.visual(visual)], dim=1))
+        a = self.audio(audio)
+        for extra in self.extras:
+            a = a + extra(audio)
+        return self.head(torch.cat([a, self.visual(visual)], dim=1))
 
     def groups(self) -> dict[str, nn.Module]:
         """The ``groups=`` argument of ``PDMPOptimizer``."""
         return {"audio": self.audio, "visual": self.visual}
 
+    def trained(self) -> list[Tensor]:
+        """The parameters an optimizer is built over: everything but the extras (added later)."""
+        return [*self.audio.parameters(), *self.visual.parameters(), *self.head.parameters()]
+
     def modality_params(self) -> dict[str, list[Tensor]]:
-        """The ``params`` argument of the ``pdmp_optim.reference`` functions."""
-        return {name: list(module.parameters()) for name, module in self.groups().items()}
+        """Each modality's parameters."""
+        return {"audio": [*self.audio.parameters(), *self.extras.parameters()], "visual": [*self.visual.parameters()]}
 
 
 def batch(step: int, n: int = 8) -> Batch:
@@ -68,22 +79,49 @@ def loss_of(model: nn.Module, step: int) -> Tensor:
     return loss_fn(model, batch(step))
 
 
-def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    """Every parameter of ``a`` equals ``b``'s bit for bit (the message names the first that does not)."""
+def pair(
+    optimizer: type[torch.optim.Optimizer], settings: Mapping[str, Any], *, extras: int = 0, **pdmp: Any
+) -> tuple[TwoModal, PDMPOptimizer, TwoModal, PDMPReference]:
+    """Two identical models, one wrapped by ``PDMPOptimizer``, one by ``PDMPReference``, built with the same
+    arguments (``pdmp`` defaults to ``gammas=GAMMAS``)."""
+    pdmp = pdmp or {"gammas": GAMMAS}
+    fast_model, ref_model = TwoModal(extras=extras), TwoModal(extras=extras)
+    fast = PDMPOptimizer(optimizer(fast_model.trained(), **settings), fast_model.groups(), **pdmp)
+    ref = PDMPReference(optimizer(ref_model.trained(), **settings), ref_model.groups(), **pdmp)
+    return fast_model, fast, ref_model, ref
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, **tolerance: float) -> None:
+    """Every parameter of ``a`` equals ``b``'s, bit for bit unless a ``rtol``/``atol`` is given (the message names
+    the first that does not)."""
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        assert torch.equal(p, q), f"{name} differs: max |diff| = {(p - q).abs().max().item():.3g}"
+        if tolerance:
+            torch.testing.assert_close(p, q, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert torch.equal(p, q), f"{name} differs: max |diff| = {(p - q).abs().max().item():.3g}"
 
 
-_NO_STEP = SimpleNamespace(step=lambda: None)
+def standard_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each parameter's optimizer state by parameter name, SGD's momentum in standard units (as a plain optimizer
+    keeps it): what a ``PDMPOptimizer`` and a ``PDMPReference`` of the same run must agree on."""
+    scale = {p: g.get("momentum_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    out = {}
+    for name, p in model.named_parameters():
+        entry = dict(opt.state.get(p, {}))
+        if entry.get("momentum_buffer") is not None:
+            entry["momentum_buffer"] = entry["momentum_buffer"] * scale.get(p, 1.0)
+        out[name] = entry
+    return out
 
 
 def reference_scale_grads(model: TwoModal, gammas: Mapping[str, float] = GAMMAS) -> None:
-    """Multiply each encoder's gradients by its gamma, one tensor at a time: ``reference_grad_step`` without the step.
-
-    For reference loops that clip, unscale or let a ``GradScaler`` step between the multiply and the step; where
-    the step follows at once, call ``reference_grad_step(opt, model.modality_params(), gammas)`` itself.
-    """
-    reference_grad_step(_NO_STEP, model.modality_params(), gammas)  # type: ignore[arg-type]  # only .step() is used
+    """Multiply each modality's gradients by its gamma, one tensor at a time (for reference loops that clip or let a
+    ``GradScaler`` step between the multiply and the step)."""
+    with torch.no_grad():
+        for modality, params in model.modality_params().items():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(gammas[modality])
 
 
 def free_port() -> int:
