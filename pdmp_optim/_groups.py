@@ -22,12 +22,11 @@ from torch.optim import Optimizer
 
 from ._checks import check_gammas, check_name
 
-__all__ = ["HOOK_MARK", "SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
+__all__ = ["SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
 
 GroupSpec = nn.Module | Iterable[Tensor]
 SPLIT_KEY = "pdmp_split"  # [size of the group it was split from, positions of its parameters there]
 _TAGS = ("modality", "gamma", SPLIT_KEY)
-HOOK_MARK = "_pdmp_encoder_hook"  # marks the forward hooks of scale_encoder_grads, which scale gradients too
 
 
 def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) -> dict[Tensor, str]:
@@ -181,11 +180,6 @@ def _params(modality: str, spec: Any, owned: set[Tensor], flat: bool) -> list[Te
     """The parameters of ``groups[modality]``; a trainable one the optimizer does not own is refused."""
     params: list[Tensor]
     if isinstance(spec, nn.Module):
-        if any(getattr(hook, HOOK_MARK, False) for m in spec.modules() for hook in m._forward_hooks.values()):
-            raise ValueError(
-                f"groups[{modality!r}] carries scale_encoder_grads hooks, which already scale its gradients; remove() "
-                "them and let PDMPOptimizer scale, or keep the hooks with a plain optimizer"
-            )
         params = list(spec.parameters())
     elif isinstance(spec, Tensor):
         params = [spec]

@@ -34,13 +34,13 @@ class ScaleMark:
         def before_accumulation(grad: Tensor) -> None:
             mark = ref()
             if mark is not None and mark.active:
-                mark.active = False
                 if any(p.grad is not None and bool(p.grad.any()) for p in mark.params):
                     raise RuntimeError(
                         "backward is adding to gradients that scale_grads_() already scaled, which would leave them "
                         "half scaled; call scale_grads_() once per step, after the last backward (after gradient "
                         "accumulation), or zero the gradients first"
                     )
+                mark.active = False
 
         handles = [p.register_hook(before_accumulation) for p in params if p.requires_grad]
         self.remove = weakref.finalize(self, _remove_all, handles)

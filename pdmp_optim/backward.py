@@ -34,9 +34,9 @@ differ, by design of the math, when:
 Weight decay done inside the optimizer (``SGD(weight_decay=...)``, ``AdamW``) is added after the gradient is
 final, so it is *not* scaled, in this mode and in ``"grad"`` mode alike.
 
-It replaces ``PDMPOptimizer``'s gradient scaling, with a plain optimizer: never combine the two over the same
-encoders (each gradient would be scaled twice). ``PDMPOptimizer`` refuses encoders that carry these hooks, and the
-hooks refuse an optimizer as their coefficients. With SGD, ``PDMPOptimizer(mode="lr")`` costs no pass at all.
+It replaces ``PDMPOptimizer``'s gradient scaling, with a plain optimizer; the two together would scale each
+gradient twice, so whichever of a ``PDMPOptimizer`` and hooks over the same parameters is built second raises, and
+the hooks refuse an optimizer as their coefficients. With SGD, ``PDMPOptimizer(mode="lr")`` costs no pass at all.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._checks import check_gammas, check_name
-from ._groups import HOOK_MARK
+from ._exclusive import claim
 from .ranking import ModalityRanking
 
 __all__ = ["EncoderGradScaling", "scale_encoder_grads"]
@@ -85,11 +85,14 @@ class EncoderGradScaling:
         _check_encoders(encoders, fixed)
         self._gammas = fixed
         self._warned_upstream = False
+        self._params = {p for encoder in encoders.values() for p in encoder.parameters() if p.requires_grad}
         self._handles: list[RemovableHandle] = []
-        for modality, encoder in encoders.items():
-            hook = self._forward_hook(modality)
-            setattr(hook, HOOK_MARK, True)
-            self._handles.append(encoder.register_forward_hook(hook))
+        claim(self, "hooks")
+        self._handles = [encoder.register_forward_hook(self._forward_hook(m)) for m, encoder in encoders.items()]
+
+    def scaled_params(self) -> set[Tensor]:
+        """The trainable parameters of the hooked encoders (their gradients are scaled)."""
+        return set(self._params)
 
     @property
     def gammas(self) -> dict[str, float]:

@@ -63,29 +63,25 @@ def logit_ratio(logits_by_modality: Mapping[str, Tensor], reference: str | None 
         TypeError: ``logits_by_modality`` is not a mapping of tensors.
         ValueError: fewer than two modalities, or ``reference`` is not one of them.
     """
-    if not isinstance(logits_by_modality, Mapping):
-        raise TypeError(
-            f"logits_by_modality must map modality name -> logits tensor, got {type(logits_by_modality).__name__}"
-        )
-    if len(logits_by_modality) < 2:
+    logits = logits_by_modality
+    if not isinstance(logits, Mapping):
+        raise TypeError(f"logits_by_modality must map modality name -> logits tensor, got {type(logits).__name__}")
+    if len(logits) < 2:
         raise ValueError(
-            f"logit_ratio needs the logits of at least two modalities, got {list(logits_by_modality)}; "
+            f"logit_ratio needs the logits of at least two modalities, got {list(logits)}; "
             "pass e.g. {'audio': s_audio, 'visual': s_visual}"
         )
-    for name, value in logits_by_modality.items():
+    for name, value in logits.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"logits_by_modality[{name!r}] must be a tensor, got {type(value).__name__}")
-    if reference is not None and reference not in logits_by_modality:
-        raise ValueError(f"reference={reference!r} is not one of the modalities {list(logits_by_modality)}")
-    names = list(logits_by_modality)
+    if reference is not None and reference not in logits:
+        raise ValueError(f"reference={reference!r} is not one of the modalities {list(logits)}")
+    names = list(logits)
     with torch.no_grad():
-        device = logits_by_modality[names[0]].device
-        sums = torch.stack([logits_by_modality[m].abs().sum(dtype=torch.float32).to(device) for m in names])
-        if reference is None:
-            ratios = sums / (sums.sum() - sums)
-            return dict(zip(names, ratios.unbind(), strict=True))
-        ratios = sums / sums[names.index(reference)]
-        return {m: r for m, r in zip(names, ratios.unbind(), strict=True) if m != reference}
+        device = logits[names[0]].device
+        sums = torch.stack([logits[m].abs().sum(dtype=torch.float32).to(device) for m in names])
+        ratios = sums / ((sums.sum() - sums) if reference is None else sums[names.index(reference)])
+    return {m: r for m, r in zip(names, ratios.unbind(), strict=True) if m != reference}
 
 
 def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dict[str | None, Tensor]:
@@ -127,10 +123,7 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
         if modality is None and not include_shared:
             continue
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            norms[modality] = torch.zeros((), device=params[0].device if params else None)
-        else:
-            norms[modality] = _total_norm(grads)
+        norms[modality] = _total_norm(grads) if grads else torch.zeros((), device=params[0].device if params else None)
     return norms
 
 

@@ -26,6 +26,7 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hoo
 
 from ._apply import multiply_grads_, multiply_updates_, snapshot
 from ._checks import check_gammas
+from ._exclusive import claim
 from ._groups import GroupSpec, in_live_layout, modality_of, split_group
 from ._mark import ScaleMark
 from .coefficients import resolve_gammas
@@ -116,6 +117,7 @@ class PDMPOptimizer(Optimizer):
         self._mark: ScaleMark | None = None
         self._init_hooks()  # (Optimizer.__init__ would rebuild the param groups)
         self._adopt()
+        claim(self, "optimizer")
 
     # ----------------------------------------------------------------------------------------- the protocol
     @property
@@ -153,9 +155,11 @@ class PDMPOptimizer(Optimizer):
     def __getattr__(self, name: str) -> Any:
         """Public attributes of the inner optimizer that the wrapper lacks (``train()``/``eval()`` of schedule-free)."""
         inner = self.__dict__.get("_optimizer")
-        if inner is None or name.startswith("_"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(inner, name)
+        if inner is not None and not name.startswith("_") and hasattr(inner, name):
+            return getattr(inner, name)
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r} (nor has the optimizer it wraps)"
+        )
 
     @property
     def mode(self) -> str:
@@ -239,14 +243,13 @@ class PDMPOptimizer(Optimizer):
             loss = self._inner_step(closure)
             multiply_updates_(buckets, before)
             return loss
-        if closure is not None:
-            try:
-                return self._inner_step(self._scaling(closure))
-            finally:
-                self._forget_mark()
-        scaled = self._scale_grads()
+        scaled: list[Tensor] = []
+        if closure is None:
+            scaled = self._scale_grads()
+        else:
+            closure = self._scaling(closure, scaled)
         try:
-            loss = self._inner_step(None)
+            loss = self._inner_step(closure)
         except BaseException:
             self._mark_scaled(scaled)  # the gradients stay scaled: a retried step must not scale them again
             raise
@@ -317,6 +320,7 @@ class PDMPOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _mark=None)
         self._init_hooks()
+        claim(self, "optimizer")
 
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
@@ -389,14 +393,18 @@ class PDMPOptimizer(Optimizer):
         multiply_grads_(buckets)
         return [p for _, params in buckets for p in params]
 
-    def _scaling(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _scaling(self, closure: Callable[[], Any], scaled: list[Tensor]) -> Callable[[], Any]:
         def scaled_closure() -> Any:
             with torch.enable_grad():
                 loss = closure()
-            self._scale_grads()  # what the closure left unscaled (it may call scale_grads_() itself)
+            scaled[:] = self._scale_grads()  # what the closure left unscaled (it may call scale_grads_() itself)
             return loss
 
         return scaled_closure
+
+    def scaled_params(self) -> set[Tensor]:
+        """The parameters whose gradients this optimizer may scale (those of its modalities)."""
+        return {p for g in self.param_groups if g.get("modality") for p in g["params"]} | set(self._modality_of)
 
     def _lr_step(self, closure: Callable[[], Any] | None) -> Any:
         """lr x gamma, and weight decay / gamma where that keeps the promise, for the step; the originals put back."""

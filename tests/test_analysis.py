@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pdmp_optim import PDMPOptimizer, rank_modalities
-from pdmp_optim.analysis import _Progress, analyze_modalities, unimodal_histories
+from pdmp_optim.analysis import analyze_modalities, unimodal_histories
+from pdmp_optim.analysis.probes import _Progress
 from pdmp_optim.ranking import ModalityRanking
 
 C = 4
@@ -207,7 +208,7 @@ BAD_INPUT = [
         dict(val=_drop_all(VAL, "quick")),
         r"\['quick'\] is missing from every batch of eval",
     ),
-    ("modality without encoder", dict(train=_add(TRAIN, 0, "depth")), r"no encoder for them; add encoders"),
+    ("modality without encoder", dict(train=_add(TRAIN, 0, "depth")), r"names \['depth'\], which have no encoder; add"),
     ("encoder without modality", dict(extra_encoder=True), r"\['depth'\] is missing from every batch of train"),
     ("target too large", dict(train=_relabel(TRAIN, 2, C)), r"outside \[0, 4\); pass the right num_classes"),
     ("negative target", dict(val=_relabel(VAL, 0, -1)), r"outside \[0, 4\)"),
@@ -262,8 +263,9 @@ def test_wrong_types_are_type_errors() -> None:
         analyze_modalities(make_encoders(), TRAIN, VAL, num_classes=C, epochs=1, optimizer=lambda p: p)
 
 
-def test_probe_options_are_forwarded_checked_and_documented() -> None:
-    """analyze_modalities takes unimodal_histories' keywords as they are, without repeating them."""
+def test_the_signature_is_explicit_checked_and_documented() -> None:
+    """Issue 18: analyze_modalities spells out unimodal_histories' keywords (same names, same defaults) and
+    documents each, with what it trains and the paper's optimizer; bad keywords fail before any training."""
     kwargs = dict(num_classes=C, epochs=2, subset=0.25, optimizer=fast_sgd)
     with pytest.raises(TypeError, match="'epoch'"):
         analyze_modalities(make_encoders(), TRAIN, VAL, **{**kwargs, "epoch": 2})
@@ -271,17 +273,68 @@ def test_probe_options_are_forwarded_checked_and_documented() -> None:
         analyze_modalities(make_encoders(), TRAIN, VAL)
     with pytest.raises(TypeError, match=r"^epochs must be an int"):
         analyze_modalities(make_encoders(), TRAIN, VAL, **{**kwargs, "epochs": "2"})
-    with pytest.raises(ValueError, match=r"early_epoch=-1 .*pass 0 <= early_epoch < 2"):
-        analyze_modalities(make_encoders(), TRAIN, VAL, early_epoch=-1, **kwargs)
     with pytest.raises(TypeError, match="modality names must be non-empty strings"):
         analyze_modalities({"": nn.Linear(QUICK_DIM, 4), "slow": nn.Linear(SLOW_DIM, 4)}, TRAIN, VAL, **kwargs)
+    never = RecordingList(TRAIN)
+    with pytest.raises(ValueError, match=r"early_epoch=-1 .*pass 0 <= early_epoch < 2"):
+        analyze_modalities(make_encoders(), never, VAL, early_epoch=-1, **kwargs)
+    assert never.read == []  # refused before any batch was read
     own = inspect.signature(analyze_modalities).parameters
-    assert [n for n, p in own.items() if p.kind is p.KEYWORD_ONLY] == ["higher_is_better", "early_epoch", "warn"]
-    probe = [n for n, p in inspect.signature(unimodal_histories).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    assert len(probe) == 13
-    for name in probe:
-        assert f"``{name}" in (analyze_modalities.__doc__ or ""), name
-        assert f"{name}:" in (unimodal_histories.__doc__ or ""), name
+    probe = inspect.signature(unimodal_histories).parameters
+    assert list(own)[:3] == list(probe)[:3] == ["groups", "train_batches", "eval_batches"]
+    keywords = [n for n, p in own.items() if p.kind is p.KEYWORD_ONLY]
+    assert keywords == [*list(probe)[3:], "higher_is_better", "early_epoch", "warn"] and len(keywords) == 16
+    assert all(own[n].default == p.default for n, p in probe.items())
+    doc = analyze_modalities.__doc__ or ""
+    for name in own:
+        assert f"\n        {name}: " in doc, name  # an entry under Args
+    flat = " ".join(doc.split())
+    assert "a deep copy of your encoder" in flat and "linear probes" not in flat
+    assert "SGD with lr 1e-3, momentum 0.9 and weight decay 1e-4" in flat and "optimizer=lambda params:" in flat
+
+
+def test_encoders_keyword_still_works_for_a_release_with_a_deprecation_warning() -> None:
+    """0.2 named the mapping encoders=; 0.3 calls it groups, as PDMPOptimizer does."""
+    kwargs = dict(num_classes=C, epochs=1, subset=0.25, optimizer=fast_sgd, warn=False)
+    expected = analyze_modalities(make_encoders(), TRAIN, VAL, **kwargs)
+    assert analyze_modalities(groups=make_encoders(), train_batches=TRAIN, eval_batches=VAL, **kwargs) == expected
+    with pytest.warns(DeprecationWarning, match=r"analyze_modalities\(encoders=\.\.\.\) is deprecated.*groups=") as rec:
+        assert analyze_modalities(encoders=make_encoders(), train_batches=TRAIN, eval_batches=VAL, **kwargs) == expected
+    assert len(rec) == 1 and rec[0].filename == __file__
+    del kwargs["warn"]
+    with pytest.warns(DeprecationWarning, match=r"unimodal_histories\(encoders="):
+        old = unimodal_histories(encoders=make_encoders(), train_batches=TRAIN, eval_batches=VAL, **kwargs)
+    assert old == unimodal_histories(make_encoders(), TRAIN, VAL, **kwargs)
+    with pytest.raises(TypeError, match=r"got both groups and encoders=; pass groups only"):
+        unimodal_histories(make_encoders(), TRAIN, VAL, encoders=make_encoders(), **kwargs)
+
+
+def test_runs_the_same_under_no_grad() -> None:
+    """The probes train with gradients enabled even when the caller disabled them."""
+    kwargs = dict(num_classes=C, epochs=1, subset=0.25, optimizer=fast_sgd)
+    with torch.no_grad():
+        quiet = unimodal_histories(make_encoders(), TRAIN, VAL, **kwargs)
+    assert quiet == unimodal_histories(make_encoders(), TRAIN, VAL, **kwargs)
+
+
+def test_inputs_that_are_not_callables_tensors_or_iterables_name_the_argument() -> None:
+    kwargs = dict(num_classes=C, epochs=1, subset=0.25, optimizer=fast_sgd)
+    for name in ("optimizer", "loss", "metric", "batch_fn"):
+        with pytest.raises(TypeError, match=rf"^{name} must be callable or None, got int"):
+            unimodal_histories(make_encoders(), TRAIN, VAL, **{**kwargs, name: 1})
+    with pytest.raises(TypeError, match=r"^groups must be a dict modality -> nn.Module"):
+        unimodal_histories([nn.Linear(8, 4), nn.Linear(32, 4)], TRAIN, VAL, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"train_batches must be an iterable of \(inputs, target\) batches"):
+        unimodal_histories(make_encoders(), 3, VAL, **kwargs)  # type: ignore[arg-type]
+    x, y = TRAIN[0]
+    with pytest.raises(TypeError, match=r"input 'slow' of batch 0 of train_batches is list, not a tensor"):
+        unimodal_histories(make_encoders(), [({**x, "slow": [1.0]}, y)], VAL, **kwargs)
+    with pytest.raises(TypeError, match=r"third element of batch 0 of eval_batches must map modality"):
+        unimodal_histories(make_encoders(), TRAIN, [(x, y, [True] * len(y))], **kwargs)
+    with pytest.raises(TypeError, match=r"metric must return a number, got str for 'quick'"):
+        unimodal_histories(make_encoders(), TRAIN, VAL, metric=lambda out, t: "high", **kwargs)
+    with pytest.raises(TypeError, match=r"features\['slow'\] must be callable"):
+        unimodal_histories(make_encoders(), TRAIN, VAL, features={"slow": 1}, **kwargs)
 
 
 def test_diverging_run_names_the_learning_rate() -> None:
@@ -421,14 +474,14 @@ def test_progress_is_quiet_off_a_terminal(capfd: pytest.CaptureFixture[str]) -> 
 
 def test_progress_line_when_asked_and_slow() -> None:
     bar = _Progress(True, total=4, stream=io.StringIO())
-    bar.describe("run 1/1 epoch 1/2")
+    bar.label = "run 1/1, epoch 1"
     bar.advance()  # within the first second: nothing yet
     assert bar.stream.getvalue() == ""
     bar.start -= 10.0
     bar.advance()
     bar.close()
     text = bar.stream.getvalue()
-    assert text.startswith("\ranalyze_modalities run 1/1 epoch 1/2 [") and "50%" in text and text.endswith("\n")
+    assert text.startswith("\ranalyze_modalities run 1/1, epoch 1 [") and "50%" in text and text.endswith("\n")
 
 
 # -------------------------------------------------------------------------------------- data sources, devices

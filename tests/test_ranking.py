@@ -275,6 +275,23 @@ def test_num_samples_shown_where_modalities_rest_on_different_samples() -> None:
     assert ModalityRanking.from_dict(old) == plain
 
 
+def test_the_import_paths_of_0_2_keep_working() -> None:
+    """Stage 1 moved into pdmp_optim.analysis; 0.2's import paths, and so 0.2's pickles of a ranking, still resolve."""
+    import pdmp_optim
+    import pdmp_optim.analysis as analysis
+    import pdmp_optim.ranking as old
+
+    assert old.ModalityRanking is analysis.ModalityRanking is pdmp_optim.ModalityRanking is ModalityRanking
+    assert (
+        old.rank_modalities is analysis.rank_modalities is rank_modalities and old.PremiseCheck is analysis.PremiseCheck
+    )
+    assert pdmp_optim.analyze_modalities is analysis.analyze_modalities
+    assert all(callable(getattr(analysis, n)) for n in ("accuracy", "mean_absolute_error", "unimodal_histories"))
+    r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.62]], "v": [[0.3, 0.8], [0.3, 0.78]]})
+    written_by_0_2 = pickle.dumps(r, protocol=0).replace(b"pdmp_optim.analysis.ranking", b"pdmp_optim.ranking")
+    assert b"pdmp_optim.ranking\nModalityRanking" in written_by_0_2 and pickle.loads(written_by_0_2) == r
+
+
 def test_equality_and_hash() -> None:
     a = rank_modalities({"a": [0.5, 0.6], "v": [0.4, 0.7]})
     b = rank_modalities({"a": [0.5, 0.6], "v": [0.4, 0.7]})
@@ -341,10 +358,29 @@ INCONSISTENT = [
 
 @pytest.mark.parametrize(("case", "change", "error", "message"), INCONSISTENT, ids=[c[0] for c in INCONSISTENT])
 def test_from_dict_refuses_inconsistent_data_naming_the_field(case: str, change: dict, error: type, message: str):
-    """0.1 accepted all of these, and several then failed in repr() or gave a wrong performance_dominant."""
+    """0.1 accepted all of these, and several then failed in repr() or gave a wrong performance_dominant. The
+    constructor and dataclasses.replace check the same way: the checks live in one place."""
     data = {**_valid(), **change}
     with pytest.raises(error, match=message):
         ModalityRanking.from_dict(data)
+    if case != "misspelt key":  # the constructor's own TypeError names an unexpected keyword
+        with pytest.raises(error, match=message):
+            ModalityRanking(**data)
+        with pytest.raises(error, match=message):
+            dataclasses.replace(ModalityRanking.from_dict(_valid()), **change)
+
+
+def test_the_constructor_fills_the_defaults_of_one_run_and_stores_clean_values() -> None:
+    r = ModalityRanking(
+        ["v", "a"], {"a": np.float32(0.5), "v": torch.tensor([0.75])}, early_scores={"a": 0.5, "v": 0.1}
+    )
+    assert r == ModalityRanking.from_dict({"order": ["v", "a"], "final_scores": {"a": 0.5, "v": 0.75},
+                                           "early_scores": {"a": 0.5, "v": 0.1}})  # fmt: skip
+    assert r.order == ("v", "a") and list(r.final_scores) == ["v", "a"] and type(r.final_scores["v"]) is float
+    assert r.final_std == {"v": 0.0, "a": 0.0} and r.early_std == {"a": 0.0, "v": 0.0}
+    assert r.run_winners == ("v",) and r.agreement == 1.0 and r.num_runs == 1 and r.optimization_dominant == "a"
+    with pytest.raises(TypeError, match="order must be a list of modality names"):
+        ModalityRanking(("v", None), {"v": 0.7, None: 0.6})  # type: ignore[arg-type]
 
 
 def test_from_dict_round_trips_through_json_and_keeps_the_early_order() -> None:
