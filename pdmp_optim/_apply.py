@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["multiply_grads_", "multiply_updates_", "snapshot"]
+__all__ = ["UNITS", "momentum_to_internal", "momentum_to_standard", "multiply_grads_", "multiply_updates_", "snapshot"]
 
 
 Buckets = Sequence[tuple[float, Sequence[Tensor]]]  # (gamma, the parameters it multiplies)
+UNITS = "momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
 
 
 def multiply_grads_(buckets: Buckets) -> None:
@@ -74,3 +75,28 @@ def _multiplier(gamma: float, grad: Tensor) -> float | Tensor:
     if grad.device.type == "cpu" and grad.dtype in (torch.float16, torch.bfloat16) and not distributed:
         return torch.tensor(gamma, dtype=torch.float32)
     return gamma
+
+
+def momentum_to_standard(state_dict: dict[str, Any]) -> None:
+    """SGD ``"lr"`` mode's momentum, kept in ``1/gamma`` units, in standard units in a state dict (in place; the live
+    buffers are left alone). Held in float64, so that :func:`momentum_to_internal` gets the buffers back exactly."""
+    for group in state_dict["param_groups"]:
+        scale = group.get(UNITS, 1.0)
+        for index in group["params"] if scale != 1.0 else ():
+            entry = state_dict["state"].get(index)
+            if entry and entry.get("momentum_buffer") is not None:
+                state_dict["state"][index] = {**entry, "momentum_buffer": entry["momentum_buffer"].double() * scale}
+        if UNITS in group:
+            group[UNITS] = 1.0
+
+
+def momentum_to_internal(state_dict: dict[str, Any], live: Sequence[dict[str, Any]]) -> None:
+    """The inverse, on a state dict in the layout of the ``live`` groups, before torch's ``load_state_dict``."""
+    for group, live_group in zip(state_dict["param_groups"], live, strict=False):  # (torch checks the sizes)
+        scale, gamma = group.get(UNITS, 1.0), group.get("gamma", 1.0)
+        for index, p in zip(group["params"] if scale != gamma else (), live_group["params"], strict=False):
+            entry = state_dict["state"].get(index)
+            if entry and entry.get("momentum_buffer") is not None:
+                buffer = entry["momentum_buffer"].double() * scale / gamma
+                state_dict["state"][index] = {**entry, "momentum_buffer": buffer.to(p.dtype)}
+        group[UNITS] = gamma

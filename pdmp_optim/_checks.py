@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["as_finite", "as_number", "check_gamma", "check_gammas", "check_int", "check_name"]
+__all__ = ["as_finite", "as_number", "check_gamma", "check_gammas", "check_int", "check_modalities", "check_name"]
 
 
 def as_number(value: Any, what: str) -> float:
@@ -96,3 +96,22 @@ def check_gammas(gammas: Any, modalities: Iterable[str] | None = None, what: str
         if unknown:
             raise ValueError(f"{what} names {unknown}, which are not among the modalities {known}; fix the names")
     return {check_name(m): check_gamma(v, f"{what}[{m!r}]") for m, v in gammas.items()}
+
+
+def check_modalities(value: Any, what: str, noun: str, kind: type | None = None) -> list[str]:
+    """The names of ``value``, a mapping of at least two modalities to ``noun`` (each an instance of ``kind``).
+
+    >>> check_modalities({"audio": 0.6, "visual": 0.7}, "scores", "a score")
+    ['audio', 'visual']
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must map each modality to {noun}, got {type(value).__name__}")
+    if len(value) < 2:
+        raise ValueError(
+            f"{what} must hold at least two modalities, got {list(value)}; with one there is nothing to prioritise"
+        )
+    for name, item in value.items():
+        check_name(name)
+        if kind is not None and not isinstance(item, kind):
+            raise TypeError(f"{what}[{name!r}] must be {noun}, got {type(item).__name__}")
+    return list(value)

@@ -149,7 +149,7 @@ def _by_origin(live: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     for group in live:
         run = originals[-1] if originals else []
         size = run[0][SPLIT_KEY][0] if run and SPLIT_KEY in run[0] else 0
-        if SPLIT_KEY in group and sum(len(part[SPLIT_KEY][1]) for part in run) < size:
+        if size and SPLIT_KEY in group and sum(len(part[SPLIT_KEY][1]) for part in run) < size:
             run.append(group)
         else:
             originals.append([group])

@@ -1,17 +1,19 @@
-"""The mark that :meth:`PDMPOptimizer.scale_grads_` leaves: which gradients are scaled already, until when.
+"""Which gradients :meth:`PDMPOptimizer.scale_grads_` scaled already, and until when.
 
 >>> import torch
 >>> w = torch.nn.Parameter(torch.ones(2))
->>> mark = ScaleMark({w})
->>> (w * 2).sum().backward()  # no scaled gradient was there: the mark ends, nothing raises
->>> mark.active
-False
->>> mark.remove()
+>>> mark = ScaleMark()
+>>> mark.add([w])
+>>> (w * 2).sum().backward()  # no scaled gradient was there: a new step began, nothing raises
+>>> mark.params
+set()
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
@@ -20,32 +22,45 @@ __all__ = ["ScaleMark"]
 
 
 class ScaleMark:
-    """The parameters whose gradients :meth:`PDMPOptimizer.scale_grads_` scaled, until a backward reaches them.
+    """The parameters whose gradients are scaled already; ``clear()`` at ``step()`` and ``zero_grad()``.
 
     A hook on each runs before backward adds to its gradient: if every scaled gradient was zeroed (or set to
-    ``None``) since, a new step has begun and the mark ends; if not, the backward would mix scaled and unscaled
-    gradient, and it raises. The hooks hold no gradient, and go with the mark (``weakref.finalize``).
+    ``None``) since, a new step has begun and the mark empties; if not, the backward would mix scaled and unscaled
+    gradient, and it raises. The hooks hold no gradient, and go when the mark is cleared or collected.
     """
 
-    def __init__(self, params: set[Tensor]) -> None:
-        self.params, self.active = params, True
-        ref = weakref.ref(self)
+    def __init__(self) -> None:
+        self.params: set[Tensor] = set()
+        self._handles: list[Any] = []
+        weakref.finalize(self, _remove_all, self._handles)
 
-        def before_accumulation(grad: Tensor) -> None:
-            mark = ref()
-            if mark is not None and mark.active:
-                if any(p.grad is not None and bool(p.grad.any()) for p in mark.params):
-                    raise RuntimeError(
-                        "backward is adding to gradients that scale_grads_() already scaled, which would leave them "
-                        "half scaled; call scale_grads_() once per step, after the last backward (after gradient "
-                        "accumulation), or zero the gradients first"
-                    )
-                mark.active = False
+    def add(self, params: Iterable[Tensor]) -> None:
+        if not self.params:
+            self.clear()  # hooks of a mark a backward ended
+        new = set(params) - self.params
+        hook = functools.partial(_before_accumulation, weakref.ref(self))
+        self._handles += [p.register_hook(hook) for p in new if p.requires_grad]
+        self.params |= new
 
-        handles = [p.register_hook(before_accumulation) for p in params if p.requires_grad]
-        self.remove = weakref.finalize(self, _remove_all, handles)
+    def clear(self) -> None:
+        self.params = set()
+        _remove_all(self._handles)
+
+
+def _before_accumulation(ref: weakref.ref[ScaleMark], grad: Tensor) -> None:
+    mark = ref()
+    if mark is None or not mark.params:
+        return
+    if any(p.grad is not None and bool(p.grad.any()) for p in mark.params):
+        raise RuntimeError(
+            "backward is adding to gradients that scale_grads_() already scaled, which would leave them half scaled; "
+            "call scale_grads_() once per step, after the last backward (after gradient accumulation), or zero the "
+            "gradients first"
+        )
+    mark.params = set()  # (its hooks go at the next add or clear, not while backward runs them)
 
 
 def _remove_all(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
+    handles.clear()

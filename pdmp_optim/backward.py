@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from ._checks import check_gammas, check_name
@@ -134,9 +135,10 @@ class EncoderGradScaling:
             if not torch.is_grad_enabled():
                 return
             gamma = self._gammas[modality]
-            if gamma != 1.0:
-                _register_on_tensors(output, lambda grad: grad * gamma, modality)
-            if not self._warned_upstream and _any_tensor_requires_grad(inputs):
+            for tensor in _tensors(output, modality):
+                if gamma != 1.0 and tensor.requires_grad:
+                    tensor.register_hook(lambda grad: grad * gamma)
+            if not self._warned_upstream and any(t.requires_grad for t in tree_leaves(inputs) if isinstance(t, Tensor)):
                 self._warned_upstream = True
                 warnings.warn(
                     f"an input of encoder {modality!r} requires grad, so whatever produced it (a shared stem, a "
@@ -234,55 +236,26 @@ def _trains_something(encoder: nn.Module) -> bool:
 
 
 def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
-    """Reject a module given twice, or one encoder inside another: both would scale the same gradients twice."""
-    owner: dict[int, str] = {}
+    """Reject a module or parameter in two encoders (one inside another, tied weights): scaled twice."""
+    owner: dict[Any, str] = {}
     for modality, encoder in encoders.items():
-        for module in encoder.modules():
-            other = owner.get(id(module))
-            if other is not None:
-                raise ValueError(
-                    f"encoders[{other!r}] and encoders[{modality!r}] share a module ({type(module).__name__}); "
-                    "each modality needs its own encoder, else gradients are scaled twice"
-                )
-        for module in encoder.modules():
-            owner[id(module)] = modality
-    params: dict[Tensor, str] = {}
-    for modality, encoder in encoders.items():
-        for p in encoder.parameters():
-            other = params.setdefault(p, modality)
+        for item in [*encoder.modules(), *encoder.parameters()]:
+            other = owner.setdefault(item, modality)
             if other != modality:
+                what = f"parameter of shape {tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
                 raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} is in both encoders[{other!r}] and "
-                    f"encoders[{modality!r}]; give every parameter to at most one modality"
+                    f"encoders[{other!r}] and encoders[{modality!r}] share a {what}; each modality needs its own "
+                    "encoder, else its gradients are scaled twice"
                 )
 
 
-def _register_on_tensors(output: Any, scale: Any, modality: str) -> None:
-    if isinstance(output, Tensor):
-        if output.requires_grad:
-            output.register_hook(scale)
-        return
-    if isinstance(output, Mapping):
-        for value in output.values():
-            _register_on_tensors(value, scale, modality)
-        return
-    if isinstance(output, (tuple, list)):
-        for value in output:
-            _register_on_tensors(value, scale, modality)
-        return
-    if output is None or isinstance(output, (bool, int, float, str)):
-        return
-    raise TypeError(
-        f"encoder {modality!r} returned a {type(output).__name__}; scale_encoder_grads handles tensors and "
-        "tuples/lists/dicts of tensors; hook the submodule that returns the representation tensor instead"
-    )
-
-
-def _any_tensor_requires_grad(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.requires_grad
-    if isinstance(value, Mapping):
-        return any(_any_tensor_requires_grad(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(_any_tensor_requires_grad(v) for v in value)
-    return False
+def _tensors(value: Any, modality: str) -> list[Tensor]:
+    """The tensors in an encoder's output or inputs (nested tuples, lists, dicts, Hugging Face outputs)."""
+    leaves = tree_leaves(value)
+    odd = [leaf for leaf in leaves if not isinstance(leaf, (Tensor, bool, int, float, str, type(None)))]
+    if odd:
+        raise TypeError(
+            f"encoder {modality!r} returned a {type(odd[0]).__name__}; scale_encoder_grads handles tensors and "
+            "tuples/lists/dicts of tensors; hook the submodule that returns the representation tensor instead"
+        )
+    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]

@@ -18,6 +18,7 @@ lets ``m_p`` dominate.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -121,6 +122,16 @@ def resolve_gammas(
     missing = [m for m in modalities if m not in resolved]
     if missing:
         raise ValueError(f"no coefficient for {missing}; pass dominant= (or ranking=), or gammas for every modality")
+    same = set(resolved.values())
+    if len(modalities) > 1 and len(same) == 1 and same != {1.0}:
+        warnings.warn(
+            f"every modality gets gamma={same.pop():g} (as Eq. 12 gives when the performance-dominant modality is "
+            "also the optimization-dominant one), so no modality is prioritised: this multiplies every encoder's "
+            "update alike, a common learning-rate multiplier for the encoders; compare against vanilla training with "
+            "a tuned learning rate",
+            UserWarning,
+            stacklevel=3,
+        )
     return {m: resolved[m] for m in modalities}
 
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ._checks import check_modalities
 from .optimizer import PDMPOptimizer
 
 __all__ = ["logit_ratio", "modality_grad_norms"]
@@ -60,26 +61,15 @@ def logit_ratio(logits_by_modality: Mapping[str, Tensor], reference: str | None 
     others combined. The sums are taken in float32 without gradients; nothing syncs with the device.
 
     Raises:
-        TypeError: ``logits_by_modality`` is not a mapping of tensors.
+        TypeError: ``logits_by_modality`` is not a mapping of tensors, or a name is not a non-empty string.
         ValueError: fewer than two modalities, or ``reference`` is not one of them.
     """
-    logits = logits_by_modality
-    if not isinstance(logits, Mapping):
-        raise TypeError(f"logits_by_modality must map modality name -> logits tensor, got {type(logits).__name__}")
-    if len(logits) < 2:
-        raise ValueError(
-            f"logit_ratio needs the logits of at least two modalities, got {list(logits)}; "
-            "pass e.g. {'audio': s_audio, 'visual': s_visual}"
-        )
-    for name, value in logits.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"logits_by_modality[{name!r}] must be a tensor, got {type(value).__name__}")
-    if reference is not None and reference not in logits:
-        raise ValueError(f"reference={reference!r} is not one of the modalities {list(logits)}")
-    names = list(logits)
+    names = check_modalities(logits_by_modality, "logits_by_modality", "a logits tensor", Tensor)
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference={reference!r} is not one of the modalities {names}")
     with torch.no_grad():
-        device = logits[names[0]].device
-        sums = torch.stack([logits[m].abs().sum(dtype=torch.float32).to(device) for m in names])
+        device = logits_by_modality[names[0]].device
+        sums = torch.stack([logits_by_modality[m].abs().sum(dtype=torch.float32).to(device) for m in names])
         ratios = sums / ((sums.sum() - sums) if reference is None else sums[names.index(reference)])
     return {m: r for m, r in zip(names, ratios.unbind(), strict=True) if m != reference}
 
@@ -118,13 +108,8 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
         raise TypeError(
             f"modality_grad_norms needs a PDMPOptimizer (it reads the modality groups), got {type(opt).__name__}"
         )
-    norms: dict[str | None, Tensor] = {}
-    for modality, params in opt.params_by_modality().items():
-        if modality is None and not include_shared:
-            continue
-        grads = [p.grad for p in params if p.grad is not None]
-        norms[modality] = _total_norm(grads) if grads else torch.zeros((), device=params[0].device if params else None)
-    return norms
+    groups = opt.params_by_modality().items()
+    return {modality: _total_norm(params) for modality, params in groups if modality is not None or include_shared}
 
 
 # device types with a _foreach_norm kernel in every torch this package supports; others take one norm per tensor
@@ -132,12 +117,16 @@ _FOREACH_DEVICES = ("cpu", "cuda")
 
 
 @torch.no_grad()
-def _total_norm(grads: list[Tensor]) -> Tensor:
-    """The L2 norm of ``grads`` viewed as one vector, on the first gradient's device, without a host sync.
+def _total_norm(params: list[Tensor]) -> Tensor:
+    """The L2 norm of the gradients of ``params`` viewed as one vector, on the first gradient's device, without a
+    host sync (0 without gradients).
 
     Dense gradients (DTensor shards included) go through one ``torch._foreach_norm`` per (device, dtype);
     a sparse gradient contributes the norm of its coalesced values (duplicate indices summed first).
     """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     partial: list[Tensor] = []
     for g in grads:
@@ -147,9 +136,6 @@ def _total_norm(grads: list[Tensor]) -> Tensor:
             values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
             partial.append(torch.linalg.vector_norm(values))
     for (device, _), tensors in buckets.items():
-        if device.type in _FOREACH_DEVICES:
-            partial.extend(torch._foreach_norm(tensors))
-        else:
-            partial.extend(torch.linalg.vector_norm(t) for t in tensors)
-    first = grads[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in partial]))
+        foreach = device.type in _FOREACH_DEVICES
+        partial.extend(torch._foreach_norm(tensors) if foreach else [torch.linalg.vector_norm(t) for t in tensors])
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in partial]))

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
-from ._apply import multiply_grads_, multiply_updates_, snapshot
+from ._apply import UNITS, momentum_to_internal, momentum_to_standard, multiply_grads_, multiply_updates_, snapshot
 from ._checks import check_gammas
 from ._exclusive import claim
 from ._groups import GroupSpec, in_live_layout, modality_of, split_group
@@ -42,7 +42,6 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
-_UNITS = "momentum_scale"  # SGD in "lr" mode: the standard momentum is the buffer times this
 
 
 class PDMPOptimizer(Optimizer):
@@ -114,7 +113,7 @@ class PDMPOptimizer(Optimizer):
         modalities = list(dict.fromkeys(self._modality_of.values()))
         self._gammas = resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
         self._sgd_units = self._mode == "lr" and type(optimizer) is torch.optim.SGD
-        self._mark: ScaleMark | None = None
+        self._mark = ScaleMark()
         self._init_hooks()  # (Optimizer.__init__ would rebuild the param groups)
         self._adopt()
         claim(self, "optimizer")
@@ -221,7 +220,7 @@ class PDMPOptimizer(Optimizer):
                 f"{'learning rate' if self._mode == 'lr' else 'update'}, so the gradients stay as backward left them "
                 "(clip them as usual), or build PDMPOptimizer with mode='grad'"
             )
-        self._mark_scaled(self._scale_grads())
+        self._mark.add(self._scale_grads())
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -251,14 +250,14 @@ class PDMPOptimizer(Optimizer):
         try:
             loss = self._inner_step(closure)
         except BaseException:
-            self._mark_scaled(scaled)  # the gradients stay scaled: a retried step must not scale them again
+            self._mark.add(scaled)  # the gradients stay scaled: a retried step must not scale them again
             raise
-        self._forget_mark()
+        self._mark.clear()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``; also forgets an earlier :meth:`scale_grads_`."""
-        self._forget_mark()
+        self._mark.clear()
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -271,9 +270,7 @@ class PDMPOptimizer(Optimizer):
         >>> len(opt.params_by_modality()["audio"])
         4
         """
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._optimizer.add_param_group(param_group)
+        self._optimizer.add_param_group(param_group)  # (torch checks that it is a dict)
         try:
             self._adopt()
         except (TypeError, ValueError):
@@ -284,12 +281,14 @@ class PDMPOptimizer(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict: its param groups mirror ``opt.param_groups`` and carry each group's
-        ``"modality"`` and ``"gamma"``; SGD's momentum is in standard units, so the plain optimizer loads it too."""
+        ``"modality"`` and ``"gamma"``; SGD's momentum is in standard units (float64 in ``"lr"`` mode, so that a resume
+        is exact), so the plain optimizer loads it too."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._adopt()
-        self._momentum_units(standard=True)
         state_dict = self._optimizer.state_dict()
+        if self._sgd_units:
+            momentum_to_standard(state_dict)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
@@ -305,20 +304,22 @@ class PDMPOptimizer(Optimizer):
             loaded = pre_hook(self, loaded) or loaded
         self._adopt()
         loaded = in_live_layout(loaded, self.param_groups, self._gammas)
+        if self._sgd_units and isinstance(loaded.get("param_groups"), list):
+            momentum_to_internal(loaded, self.param_groups)
         self._optimizer.load_state_dict(loaded)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # like torch's Optimizer: no hooks, and not the step wrapper an LR scheduler installs (it steps the original)
-        if self._marked():
+        if self._mark.params:
             raise RuntimeError(
                 "cannot copy or pickle the optimizer between scale_grads_() and step(); copy after step()"
             )
         return {k: v for k, v in self.__dict__.items() if k not in ("step", "_mark", *_HOOK_DICTS)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _mark=None)
+        self.__dict__.update(state, _mark=ScaleMark())
         self._init_hooks()
         claim(self, "optimizer")
 
@@ -379,7 +380,7 @@ class PDMPOptimizer(Optimizer):
     def _buckets(self, with_grad: bool = True) -> list[tuple[float, list[Tensor]]]:
         """``(gamma, parameters)`` of the scaled groups, each parameter once, less those :meth:`scale_grads_` did."""
         by_gamma: dict[float, dict[Tensor, None]] = {}
-        done = self._mark.params if self._marked() else ()  # type: ignore[union-attr]
+        done = self._mark.params
         for group in self.param_groups:  # loops, not comprehensions: those cost torch.compile a graph
             if group["gamma"] != 1.0:
                 bucket = by_gamma.setdefault(group["gamma"], {})
@@ -408,7 +409,7 @@ class PDMPOptimizer(Optimizer):
 
     def _lr_step(self, closure: Callable[[], Any] | None) -> Any:
         """lr x gamma, and weight decay / gamma where that keeps the promise, for the step; the originals put back."""
-        self._momentum_units(standard=False)
+        self._momentum_units()
         saved = []
         for group in self.param_groups:
             gamma = group["gamma"]
@@ -426,19 +427,17 @@ class PDMPOptimizer(Optimizer):
                 if decay:
                     group["weight_decay"] = weight_decay
 
-    def _momentum_units(self, standard: bool) -> None:
+    def _momentum_units(self) -> None:
         """SGD in "lr" mode keeps each group's momentum in ``1/gamma`` units (``lr * gamma`` is then grad mode's step);
-        ``_UNITS`` says the units, and buffers move to standard units for a state dict, back at the next step."""
-        if not self._sgd_units:
-            return
-        for group in self.param_groups:
-            now, wanted = group.get(_UNITS, 1.0), 1.0 if standard else group["gamma"]
+        ``UNITS`` says which, and a gamma changed since moves the buffers before the step."""
+        for group in self.param_groups if self._sgd_units else ():
+            now, wanted = group.get(UNITS, 1.0), group["gamma"]
             if now != wanted:
                 states = [s for s in map(self.state.get, group["params"]) if s and s.get("momentum_buffer") is not None]
                 buffers = torch._foreach_mul([s["momentum_buffer"] for s in states], now / wanted) if states else []
                 for state, buffer in zip(states, buffers, strict=True):
-                    state["momentum_buffer"] = buffer  # (new tensors: a state dict saved before keeps its own)
-                group[_UNITS] = wanted
+                    state["momentum_buffer"] = buffer
+                group[UNITS] = wanted
 
     def _inner_step(self, closure: Callable[[], Any] | None) -> Any:
         """The inner step; the global step hooks, which already ran with the wrapper, are left out of it."""
@@ -452,20 +451,6 @@ class PDMPOptimizer(Optimizer):
         finally:
             _global_pre_hooks.update(hooks[0])
             _global_post_hooks.update(hooks[1])
-
-    def _marked(self) -> bool:
-        return self._mark is not None and self._mark.active
-
-    def _mark_scaled(self, params: list[Tensor]) -> None:
-        if params:
-            old = self._mark.params if self._marked() else set()  # type: ignore[union-attr]
-            self._forget_mark()
-            self._mark = ScaleMark(old | set(params))
-
-    def _forget_mark(self) -> None:
-        if self._mark is not None:
-            self._mark.remove()
-            self._mark = None
 
 
 class _Gammas(dict):  # type: ignore[type-arg]

@@ -59,7 +59,7 @@ class PDMPReference(Optimizer):
         tags = [group["modality"] for group in optimizer.param_groups if group.get("modality")]
         names = list(dict.fromkeys([*self.modality.values(), *tags]))
         self.gammas = resolve_gammas(names, dominant, gamma_p, optimization_dominant, gammas, ranking)
-        self.mark: ScaleMark | None = None
+        self.mark = ScaleMark()
         self.__setstate__({})
 
     param_groups = property(lambda self: self.optimizer.param_groups)  # type: ignore[assignment]
@@ -83,22 +83,10 @@ class PDMPReference(Optimizer):
             raise RuntimeError("scale_grads_() is for mode='grad'")
         scaled = set()
         for p, _, gamma in self.params():
-            if p.grad is not None and gamma != 1.0 and not self.done(p):
+            if p.grad is not None and gamma != 1.0 and p not in self.mark.params:
                 p.grad.mul_(gamma)
                 scaled.add(p)
-        if scaled:
-            old = self.mark.params if self.mark is not None and self.mark.active else set()
-            self.forget()
-            self.mark = ScaleMark(old | scaled)
-
-    def done(self, p: Tensor) -> bool:
-        """Whether :meth:`scale_grads_` scaled ``p``'s gradient already."""
-        return self.mark is not None and self.mark.active and p in self.mark.params
-
-    def forget(self) -> None:
-        if self.mark is not None:
-            self.mark.remove()
-            self.mark = None
+        self.mark.add(scaled)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if self.mode == "update":
@@ -113,13 +101,13 @@ class PDMPReference(Optimizer):
         if self.mode == "grad":
             with torch.no_grad():
                 for p, _, gamma in self.params():
-                    if p.grad is not None and gamma != 1.0 and not self.done(p):
+                    if p.grad is not None and gamma != 1.0 and p not in self.mark.params:
                         p.grad.mul_(gamma)
             self.optimizer.step()
         else:
             for modality in [*dict.fromkeys(m for _, m, _ in self.params() if m is not None), None]:
                 self._lr_step(modality)
-        self.forget()
+        self.mark.clear()
         return loss
 
     def _lr_step(self, modality: str | None) -> None:
@@ -147,7 +135,7 @@ class PDMPReference(Optimizer):
                     group["weight_decay"] = weight_decay
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.forget()
+        self.mark.clear()
         self.optimizer.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -165,7 +153,7 @@ class PDMPReference(Optimizer):
         return {k: v for k, v in self.__dict__.items() if k in ("optimizer", "mode", "modality", "gammas")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, mark=None)
+        self.__dict__.update(state, mark=ScaleMark())
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):  # fmt: skip
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
