@@ -126,7 +126,16 @@ def _saved_in_live_layout(saved: list[dict[str, Any]], live: list[dict[str, Any]
     """The param groups of a checkpoint saved without PDMP (before any split) in the layout of the ``live`` groups,
     with their PDMP keys, or ``None`` when the checkpoint has other groups than those the live ones were split from.
     """
-    originals = [[group] for group in live] if len(saved) == len(live) else _by_origin(live)
+    if len(saved) == len(live):  # one saved group per live one: nothing was split, 0.2.0 saved the parts, or DCP
+        out: list[dict[str, Any]] = []  # spread a plain group over them, its settings in one part only
+        rest = iter(saved)
+        for parts in _by_origin(live):
+            olds = [next(rest) for _ in parts]
+            settings = {k: v for old in olds for k, v in old.items() if k not in ("params", "param_names")}
+            for part, old in zip(parts, olds, strict=True):
+                out.append({**settings, **old, **{k: part[k] for k in _TAGS if k in part}})
+        return out
+    originals = _by_origin(live)
     if len(originals) != len(saved):
         return None
     out = []

@@ -77,7 +77,8 @@ def test_logit_ratio_is_detached_float32_and_does_not_read_values():
         ({"audio": torch.ones(2)}, {}, ValueError, "at least two modalities"),
         ({"audio": torch.ones(2), "visual": [1.0]}, {}, TypeError, r"logits_by_modality\['visual'\]"),
         ({"audio": torch.ones(2), "visual": torch.ones(2)}, {"reference": "text"}, ValueError, "reference='text'"),
-        ([torch.ones(2), torch.ones(2)], {}, TypeError, "must map modality name"),
+        ([torch.ones(2), torch.ones(2)], {}, TypeError, r"logits_by_modality must map .*logits tensor"),
+        ({0: torch.ones(2), 1: torch.ones(2)}, {}, TypeError, "modality names must be non-empty strings"),
     ],
 )
 def test_logit_ratio_rejects_bad_input(arg, kwargs, error, match):

@@ -115,7 +115,7 @@ def test_every_page_fits_its_column_works_offline_and_shows_readable_figures(sit
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -2,7 +2,8 @@
 ViTModel, built from configs: nothing is downloaded), against plain-torch reference loops: ``optimizers=(pdmp,
 scheduler)`` with the Trainer's clipping before PDMP's scaling, the other order through a callback, gradient
 accumulation, bf16 mixed precision on CPU, a ``Trainer`` subclass whose ``create_optimizer`` wraps the optimizer
-``TrainingArguments`` choose ("lr" mode), and ``resume_from_checkpoint`` (which restores the gammas too).
+``TrainingArguments`` choose ("lr" mode, against the reference twin), and ``resume_from_checkpoint``, which restores
+the gammas from the saved param groups.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _helpers import reference_scale_grads  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
@@ -33,7 +35,7 @@ from transformers import (  # noqa: E402
 )
 
 from pdmp_optim import PDMPOptimizer  # noqa: E402
-from pdmp_optim.reference import reference_grad_step, reference_lr_step  # noqa: E402
+from pdmp_optim.reference import PDMPReference  # noqa: E402
 
 GAMMAS = {"text": 15.0, "image": 1 / 15}
 STEPS, BATCH, SAMPLES, MAX_NORM = 4, 4, 16, 0.05
@@ -128,18 +130,13 @@ def reference(micro: int = 1, order: str = "clip-scale", autocast: bool = False)
             (loss / micro).backward()
         if order == "clip-scale":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        reference_grad_step(_NoStep(), model.modality_params(), GAMMAS)  # multiply only
+        reference_scale_grads(model, GAMMAS)
         if order == "scale-clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
         scheduler.step()
         model.zero_grad()
     return model
-
-
-class _NoStep:
-    def step(self) -> None:
-        pass
 
 
 def assert_same(a: nn.Module, b: nn.Module) -> None:
@@ -223,27 +220,29 @@ def test_subclass_wraps_the_optimizer_training_arguments_choose(tmp_path) -> Non
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert isinstance(pdmp.optimizer, cls)
 
-    # the reference: the same optimizer over the Trainer's decay/no-decay groups, each split by modality as lr mode
-    # splits it, the same linear schedule, reference_lr_step
+    # every group holds one modality: the Trainer's decay/no-decay groups, each split by modality
+    decay = set(trainer.get_decay_parameter_names(model))
+    names = {p: n for n, p in model.named_parameters()}
+    modality = {p: m for m, ps in model.modality_params().items() for p in ps}
+    for group in pdmp.param_groups:
+        assert {modality.get(p) for p in group["params"]} == {group["modality"]}
+        assert {names[p] in decay for p in group["params"]} == {group["weight_decay"] > 0}
+        assert group["gamma"] == GAMMAS.get(group["modality"], 1.0)
+    assert [(g["modality"], g["weight_decay"]) for g in pdmp.param_groups] == [
+        ("text", 0.1), ("image", 0.1), (None, 0.1), ("text", 0.0), ("image", 0.0), (None, 0.0),
+    ]  # fmt: skip
+
+    # the reference twin over the same optimizer with the Trainer's two (unsplit) groups and the same schedule
     ref = TwoTower()
-    decay = set(Trainer(model=ref, args=args).get_decay_parameter_names(ref))
-    modality = {p: m for m, ps in ref.modality_params().items() for p in ps}
-    groups, gammas = [], []
-    for wanted, wd in ((True, 0.1), (False, 0.0)):
-        parts: dict[str | None, list] = {}
-        for name, p in ref.named_parameters():
-            if (name in decay) == wanted:
-                parts.setdefault(modality.get(p), []).append(p)
-        for m, params in parts.items():
-            groups.append({"params": params, "weight_decay": wd})
-            gammas.append(GAMMAS[m] if m is not None else 1.0)
-    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in pdmp.param_groups]
-    opt = cls(groups, **kwargs)
+    groups = [{"params": [p for n, p in ref.named_parameters() if (n in decay) == wanted], "weight_decay": wd}
+              for wanted, wd in ((True, 0.1), (False, 0.0))]  # fmt: skip
+    opt = PDMPReference(cls(groups, **kwargs), ref.groups(), gammas=GAMMAS)
+    assert opt.mode == "lr"
     scheduler = transformers.get_linear_schedule_with_warmup(opt, 0, STEPS)
     for batch in micro_batches(BATCH):
         ref(**batch)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        reference_lr_step(opt, gammas)
+        opt.step()
         scheduler.step()
         ref.zero_grad()
     assert_same(model, ref)
@@ -253,26 +252,38 @@ def test_subclass_wraps_the_optimizer_training_arguments_choose(tmp_path) -> Non
 class PauseModulation(TrainerCallback):
     """Sets both gammas to 1 after the first step (an OGM-GE-style modulation window)."""
 
-    def __init__(self, pdmp: PDMPOptimizer) -> None:
-        self.pdmp = pdmp
-
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step == 1:
-            self.pdmp.gammas = {"text": 1.0, "image": 1.0}
+            optimizer.optimizer.gammas = {"text": 1.0, "image": 1.0}  # the PDMPOptimizer in the AcceleratedOptimizer
 
 
-def test_resume_from_checkpoint_continues_bit_for_bit_with_the_saved_gammas(tmp_path) -> None:
-    args = arguments(tmp_path, save_strategy="steps", save_steps=2)
-    whole = TwoTower()
-    pdmp, scheduler = pdmp_sgd(whole)
-    train(whole, args, pdmp, scheduler, callbacks=[PauseModulation(pdmp)])
+def run_to_resume(out, kind: str, resume=None, callbacks=()) -> tuple[TwoTower, PDMPOptimizer, Trainer]:
+    """``STEPS`` steps saving a checkpoint after 2: PDMP over SGD handed to the Trainer, or wrapped in
+    ``create_optimizer`` around the AdamW it builds (lr mode, groups split)."""
+    model = TwoTower()
+    args = arguments(out, save_strategy="steps", save_steps=2, **({"learning_rate": 1e-2} if kind == "adamw" else {}))
+    if kind == "sgd":
+        trainer = train(model, args, *pdmp_sgd(model), resume=resume, callbacks=list(callbacks))
+    else:
+        trainer = train(model, args, trainer_cls=PDMPTrainer, resume=resume, callbacks=list(callbacks))
+    return model, trainer.optimizer.optimizer, trainer
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"], ids=["handed-to-trainer", "create-optimizer-lr-mode"])
+def test_resume_from_checkpoint_continues_bit_for_bit_with_the_saved_gammas(tmp_path, kind) -> None:
+    whole, pdmp, _ = run_to_resume(tmp_path, kind, callbacks=[PauseModulation()])
+    assert dict(pdmp.gammas) == {"text": 1.0, "image": 1.0}
     assert (tmp_path / "checkpoint-2" / "optimizer.pt").is_file()
     saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
-    assert saved["pdmp"]["gammas"] == {"text": 1.0, "image": 1.0}
+    assert "pdmp" not in saved  # the inner optimizer's own state dict: the gammas travel in its param groups
+    assert [(g["modality"], g["gamma"]) for g in saved["param_groups"]] == [
+        (g["modality"], 1.0) for g in pdmp.param_groups
+    ]
+    assert len(saved["param_groups"]) == (3 if kind == "sgd" else 6)
 
-    resumed = TwoTower()  # built as before the first run: the checkpoint brings the weights and the gammas
-    pdmp2, scheduler2 = pdmp_sgd(resumed)
-    train(resumed, arguments(tmp_path / "again"), pdmp2, scheduler2, resume=str(tmp_path / "checkpoint-2"))
+    # built as before the first run (gammas 15 and 1/15): the checkpoint brings the weights and the gammas
+    resumed, pdmp2, trainer2 = run_to_resume(tmp_path / "again", kind, resume=str(tmp_path / "checkpoint-2"))
     assert dict(pdmp2.gammas) == {"text": 1.0, "image": 1.0}
-    assert scheduler2.last_epoch == STEPS
+    assert [g["gamma"] for g in pdmp2.param_groups] == [1.0] * len(saved["param_groups"])
+    assert trainer2.lr_scheduler.last_epoch == STEPS
     assert_same(resumed, whole)

@@ -10,10 +10,9 @@ import copy
 
 import pytest
 import torch
-from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, pair, reference_scale_grads
 
 from pdmp_optim import PDMPOptimizer
-from pdmp_optim.reference import reference_lr_step
 
 STEPS = 4
 
@@ -96,7 +95,12 @@ def test_grad_scaler_equals_plain_fp32_pdmp_without_a_scaler():
     assert_same_params(model, plain)
 
 
-def test_step_with_inf_gradients_is_skipped_and_training_continues():
+@pytest.mark.parametrize(
+    ("clip", "zero"), [(None, "opt"), (0.05, "opt"), (0.05, "model")], ids=["step", "scale-clip-step", "model-zero"]
+)
+def test_step_with_inf_gradients_is_skipped_and_training_continues(clip, zero):
+    """A skipped step changes no parameter, state or gamma; with ``scale_grads_()`` before it, the next step still
+    scales its new gradients once, whether the loop zeroes through the optimizer or the model."""
     batches = make_batches(STEPS)
     bad = (batches[1][0].clone(), batches[1][1], batches[1][2])
     bad[0][0, 0] = float("inf")
@@ -106,7 +110,7 @@ def test_step_with_inf_gradients_is_skipped_and_training_continues():
     opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
     amp = scaler()
     for i, batch in enumerate(with_bad):
-        opt.zero_grad()
+        (opt if zero == "opt" else model).zero_grad()
         with autocast():
             loss = loss_fn(model, batch)
         amp.scale(loss).backward()
@@ -115,19 +119,24 @@ def test_step_with_inf_gradients_is_skipped_and_training_continues():
             state_before = copy.deepcopy(opt.state_dict())
             scale_before = amp.get_scale()
             assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
+        if clip is not None:
+            amp.unscale_(opt)
+            opt.scale_grads_()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         amp.step(opt)
         amp.update()
         if i == 1:
             for name, value in model.state_dict().items():
                 assert torch.equal(value, params_before[name]), f"{name} changed on a skipped step"
             state_after = opt.state_dict()
-            assert state_after["pdmp"] == state_before["pdmp"]
+            assert state_after["param_groups"] == state_before["param_groups"]  # gammas and lrs included
+            assert [g["gamma"] for g in state_after["param_groups"]] == [GAMMAS["audio"], GAMMAS["visual"], 1.0]
             for key, entry in state_before["state"].items():
                 assert torch.equal(entry["momentum_buffer"], state_after["state"][key]["momentum_buffer"])
             assert amp.get_scale() == scale_before / 2  # the scaler backed off
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
-    ref, _, ref_amp = reference_amp_run(with_bad)
+    ref, _, ref_amp = reference_amp_run(with_bad, clip=clip)
     assert_same_params(model, ref)
     assert amp.get_scale() == ref_amp.get_scale()
 
@@ -141,35 +150,25 @@ def test_unscale_then_clip_then_step(scale_before_clip):
 
 
 def test_grad_scaler_with_adam_in_lr_mode():
+    """lr mode under a GradScaler equals the reference twin under its own GradScaler, bit for bit."""
     batches = make_batches(STEPS)
-    model = TwoModal()
-    opt = PDMPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model.groups(), gammas=GAMMAS)
+    model, opt, ref, ref_opt = pair(torch.optim.Adam, {"lr": 1e-2})
     assert opt.mode == "lr"
-    # lr mode splits the single param group into audio, visual and shared (head) groups, in that order
-    assert [g["params"] for g in opt.param_groups] == [
-        list(model.audio.parameters()),
-        list(model.visual.parameters()),
-        list(model.head.parameters()),
+    # the single param group is split into audio, visual and shared (head) groups, in that order
+    assert [(g["modality"], g["params"]) for g in opt.param_groups] == [
+        ("audio", list(model.audio.parameters())),
+        ("visual", list(model.visual.parameters())),
+        (None, list(model.head.parameters())),
     ]
-    amp = scaler()
-
-    ref = TwoModal()
-    ref_opt = torch.optim.Adam(
-        [{"params": ref.audio.parameters()}, {"params": ref.visual.parameters()}, {"params": ref.head.parameters()}],
-        lr=1e-2,
-    )
-    ref_amp = scaler()
+    amp, ref_amp = scaler(), scaler()
     for batch in batches:
         for m, o, a in ((model, opt, amp), (ref, ref_opt, ref_amp)):
             o.zero_grad()
             with autocast():
                 loss = loss_fn(m, batch)
             a.scale(loss).backward()
-        amp.step(opt)
-        amp.update()
-        ref_amp.unscale_(ref_opt)  # records the inf check that update() needs
-        assert all(torch.isfinite(p.grad).all() for p in ref.parameters())
-        reference_lr_step(ref_opt, [GAMMAS["audio"], GAMMAS["visual"], 1.0])
-        ref_amp.update()
+            a.step(o)
+            a.update()
     assert_same_params(model, ref)
+    assert amp.get_scale() == ref_amp.get_scale() > 2.0**10  # no step was skipped
     assert [g["lr"] for g in opt.param_groups] == [1e-2] * 3  # restored after every step

@@ -1,19 +1,20 @@
-"""Gradient clipping and gradient accumulation around a PDMPOptimizer, against plain-torch reference loops."""
+"""Gradient clipping and gradient accumulation around a PDMPOptimizer, against plain-torch reference loops and the
+reference twin (``pdmp_optim.reference.PDMPReference``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, reference_scale_grads
+from _helpers import GAMMAS, TwoModal, assert_same_params, loss_fn, make_batches, pair, reference_scale_grads
 
 from pdmp_optim import PDMPOptimizer
-from pdmp_optim.reference import reference_grad_step, reference_lr_step
 
 STEPS, MAX_NORM = 4, 0.05
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
 def sgd(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return torch.optim.SGD(params, **SGD)
 
 
 def record_step_grad_norms(inner: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -65,10 +66,7 @@ def test_clipping_equals_the_reference_bit_for_bit(order):
 
 def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
     batches = make_batches(2)
-    model = TwoModal()
-    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
-    ref = TwoModal()
-    ref_opt = sgd(ref.parameters())
+    model, opt, ref, ref_opt = pair(torch.optim.SGD, SGD)
     for batch in batches:
         opt.zero_grad()
         loss_fn(model, batch).backward()
@@ -77,7 +75,7 @@ def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
         opt.step()
         ref_opt.zero_grad()
         loss_fn(ref, batch).backward()
-        reference_grad_step(ref_opt, ref.modality_params(), GAMMAS)
+        ref_opt.step()
     assert_same_params(model, ref)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)  # the gradients left behind were multiplied exactly once
@@ -87,10 +85,7 @@ def test_scale_grads_is_not_repeated_by_step_and_is_forgotten_by_zero_grad():
 @pytest.mark.parametrize("k", [1, 3])
 def test_accumulation_scales_once_per_step(k, set_to_none):
     micro = make_batches(STEPS * k, n=4)
-    model = TwoModal()
-    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
-    ref = TwoModal()
-    ref_opt = sgd(ref.parameters())
+    model, opt, ref, ref_opt = pair(torch.optim.SGD, SGD)
     for step in range(STEPS):
         opt.zero_grad(set_to_none=set_to_none)
         ref_opt.zero_grad(set_to_none=set_to_none)
@@ -98,7 +93,7 @@ def test_accumulation_scales_once_per_step(k, set_to_none):
             (loss_fn(model, batch) / k).backward()
             (loss_fn(ref, batch) / k).backward()
         opt.step()
-        reference_grad_step(ref_opt, ref.modality_params(), GAMMAS)
+        ref_opt.step()
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad)
     assert_same_params(model, ref)
@@ -126,16 +121,22 @@ def test_accumulation_with_scale_clip_step():
     assert_same_params(model, ref)
 
 
+def test_scale_grads_before_the_last_micro_batch_is_refused_at_its_backward():
+    """Accumulating onto gradients ``scale_grads_()`` scaled would leave them half scaled: the backward raises."""
+    micro = make_batches(2, n=4)
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.parameters()), model.groups(), gammas=GAMMAS)
+    loss_fn(model, micro[0]).backward()
+    opt.scale_grads_()
+    with pytest.raises(RuntimeError, match=r"half scaled.*after the last backward"):
+        loss_fn(model, micro[1]).backward()
+
+
 def test_accumulation_in_lr_mode():
     k = 3
     micro = make_batches(STEPS * k, n=4)
-    model = TwoModal()
-    opt = PDMPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model.groups(), gammas=GAMMAS)
-    ref = TwoModal()
-    ref_opt = torch.optim.AdamW(
-        [{"params": ref.audio.parameters()}, {"params": ref.visual.parameters()}, {"params": ref.head.parameters()}],
-        lr=1e-2,
-    )
+    model, opt, ref, ref_opt = pair(torch.optim.AdamW, {"lr": 1e-2})
+    assert opt.mode == "lr"
     for step in range(STEPS):
         opt.zero_grad()
         ref_opt.zero_grad()
@@ -143,5 +144,5 @@ def test_accumulation_in_lr_mode():
             (loss_fn(model, batch) / k).backward()
             (loss_fn(ref, batch) / k).backward()
         opt.step()
-        reference_lr_step(ref_opt, [GAMMAS["audio"], GAMMAS["visual"], 1.0])
+        ref_opt.step()
     assert_same_params(model, ref)

@@ -116,7 +116,7 @@ def test_sgd_lr_mode_the_zero_cost_twin_follows_grad_mode(options):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoint_resume_restores_pdmp_state(tmp_path):
+def test_checkpoint_resume_restores_the_gammas_from_the_param_groups(tmp_path):
     # one batch per epoch: Lightning 2.6 replays the epoch's first batches when it resumes a plain
     # DataLoader, so with a single batch the resumed and the uninterrupted runs see the same data
     whole = PDMPModule()
@@ -128,8 +128,12 @@ def test_checkpoint_resume_restores_pdmp_state(tmp_path):
     path = tmp_path / "half.ckpt"
     first_trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["optimizer_states"][0]
-    assert saved["pdmp"]["gammas"] == GAMMAS
-    assert saved["pdmp"]["modalities"] == {"audio": [0, 1, 2, 3], "visual": [4, 5]}  # state-dict parameter ids
+    assert "pdmp" not in saved  # the inner optimizer's own state dict, one param group per modality
+    assert [(g["modality"], g["gamma"], g["params"]) for g in saved["param_groups"]] == [
+        ("audio", GAMMAS["audio"], [0, 1, 2, 3]),
+        ("visual", GAMMAS["visual"], [4, 5]),
+        (None, 1.0, [6, 7]),
+    ]
 
     resumed = PDMPModule()
     resumed.model = TwoModal(seed=123)  # different weights: everything must come from the checkpoint
@@ -143,8 +147,9 @@ def test_checkpoint_resume_restores_pdmp_state(tmp_path):
     trainer(max_steps=2).fit(weights_only, loader(1))
     assert not torch.equal(weights_only.model.audio[0].weight, whole.model.audio[0].weight)
 
-    # the gammas travel in the checkpoint: a module built with others resumes with the checkpoint's
+    # the gammas travel in the checkpoint's param groups: a module built with others resumes with the checkpoint's
     other = PDMPModule(gammas={"audio": 1.0, "visual": 15.0})
     trainer().fit(other, loader(1), ckpt_path=path)
     assert other.optimizers().optimizer.gammas == GAMMAS
+    assert [g["gamma"] for g in other.optimizers().optimizer.param_groups] == [GAMMAS["audio"], GAMMAS["visual"], 1.0]
     assert_same_params(other.model, whole.model)
