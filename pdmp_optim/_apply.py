@@ -20,7 +20,7 @@ __all__ = ["UNITS", "momentum_to_internal", "momentum_to_standard", "multiply_gr
 
 
 Buckets = Sequence[tuple[float, Sequence[Tensor]]]  # (gamma, the parameters it multiplies)
-UNITS = "momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
+UNITS = "pdmp_momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
 
 
 def multiply_grads_(buckets: Buckets) -> None:
@@ -93,7 +93,7 @@ def momentum_to_standard(state_dict: dict[str, Any]) -> None:
 def momentum_to_internal(state_dict: dict[str, Any], live: Sequence[dict[str, Any]]) -> None:
     """The inverse, on a state dict in the layout of the ``live`` groups, before torch's ``load_state_dict``."""
     for group, live_group in zip(state_dict["param_groups"], live, strict=False):  # (torch checks the sizes)
-        scale, gamma = group.get(UNITS, 1.0), group.get("gamma", 1.0)
+        scale, gamma = group.get(UNITS, 1.0), group.get("pdmp_gamma", 1.0)
         for index, p in zip(group["params"] if scale != gamma else (), live_group["params"], strict=False):
             entry = state_dict["state"].get(index)
             if entry and entry.get("momentum_buffer") is not None:

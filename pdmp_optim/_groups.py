@@ -1,7 +1,7 @@
 """Which parameter belongs to which modality, and param groups holding one modality each.
 
 Every param group of a ``PDMPOptimizer`` holds a single modality and says so: ``"modality"`` (``None`` for the
-parameters PDMP leaves alone) and ``"gamma"``. A group that mixes modalities is split into one group per modality
+parameters PDMP leaves alone) and ``"pdmp_gamma"``. A group that mixes modalities is split into one group per modality
 with the same settings; each part records in ``"pdmp_split"`` the size of the group it came from and its positions
 there, which is all a checkpoint of the unsplit optimizer needs to be loaded.
 
@@ -22,11 +22,12 @@ from torch.optim import Optimizer
 
 from ._checks import check_gammas, check_name
 
-__all__ = ["SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
+__all__ = ["GAMMA", "SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
 
 GroupSpec = nn.Module | Iterable[Tensor]
+GAMMA = "pdmp_gamma"  # (prefixed: AdaBound, MARS and others keep a "gamma" setting of their own)
 SPLIT_KEY = "pdmp_split"  # [size of the group it was split from, positions of its parameters there]
-_TAGS = ("modality", "gamma", SPLIT_KEY)
+_TAGS = ("modality", GAMMA, SPLIT_KEY)
 
 
 def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) -> dict[Tensor, str]:
@@ -95,7 +96,7 @@ def in_live_layout(
     config, saved = loaded.pop("pdmp", None), loaded.get("param_groups")
     if not isinstance(saved, list):
         return loaded  # a layout of the inner optimizer's own (pytorch_optimizer's Lookahead): it checks it
-    if config is None and all("gamma" in g for g in saved) and len(saved) == len(live):
+    if config is None and all(GAMMA in g for g in saved) and len(saved) == len(live):
         for old, group in zip(saved, live, strict=True):
             if old.get("modality") != group["modality"]:
                 raise ValueError(
@@ -117,7 +118,7 @@ def in_live_layout(
         )
     gammas = check_gammas((config or {}).get("gammas", {}), modalities, what="the checkpoint's gammas")
     for group in groups:
-        group["gamma"] = gammas.get(group["modality"], group["gamma"])
+        group[GAMMA] = gammas.get(group["modality"], group[GAMMA])
     state = {i: {k: v for k, v in s.items() if k != "pdmp_momentum_buffer"} for i, s in loaded["state"].items()}
     return {**loaded, "state": state, "param_groups": groups}
 

@@ -112,10 +112,6 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
     return {modality: _total_norm(params) for modality, params in groups if modality is not None or include_shared}
 
 
-# device types with a _foreach_norm kernel in every torch this package supports; others take one norm per tensor
-_FOREACH_DEVICES = ("cpu", "cuda")
-
-
 @torch.no_grad()
 def _total_norm(params: list[Tensor]) -> Tensor:
     """The L2 norm of the gradients of ``params`` viewed as one vector, on the first gradient's device, without a
@@ -136,6 +132,6 @@ def _total_norm(params: list[Tensor]) -> Tensor:
             values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
             partial.append(torch.linalg.vector_norm(values))
     for (device, _), tensors in buckets.items():
-        foreach = device.type in _FOREACH_DEVICES
+        foreach = device.type in ("cpu", "cuda")  # a _foreach_norm kernel in every supported torch; others: one by one
         partial.extend(torch._foreach_norm(tensors) if foreach else [torch.linalg.vector_norm(t) for t in tensors])
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in partial]))

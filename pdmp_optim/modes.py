@@ -40,9 +40,26 @@ MODES: tuple[str, ...] = ("auto", "grad", "lr", "update")
 
 # exact classes: a subclass may change step() arbitrarily
 _GRADIENT_LINEAR = (torch.optim.SGD, torch.optim.ASGD)
-_ADDITIVE = {"Rprop": "reads lr only as its initial step size", "Adafactor": "uses lr only as a cap"}
+# (package, class) of optimizers that add their step to the parameters and whose lr does not scale it: update mode
+# measured to move each modality gamma times as far (tests/test_catalogue.py), lr mode next to nothing or every group
+_ADDITIVE = {
+    ("torch", "Rprop"): "reads lr only as its initial step size",
+    ("torch", "Adafactor"): "uses lr only as a cap",
+    ("pytorch_optimizer", "AdaFactor"): "ignores lr in its relative step (its default)",
+    ("pytorch_optimizer", "AdamG"): "caps lr at its own step size",
+    ("pytorch_optimizer", "ApolloDQN"): "reads the lr it was built with during its warm-up",
+    **{("pytorch_optimizer", n): "multiplies lr by one step size d it estimates from all groups together"
+       for n in ("DAdaptAdam", "DAdaptAdan", "DAdaptLion")},
+}  # fmt: skip
+# optimizers where neither lr nor update mode moves a modality gamma times as far (measured): auto refuses them
+_NO_MODE_KNOWN = {
+    ("pytorch_optimizer", n): "estimates one step size d from all groups together (lr x gamma moves every modality "
+    "and d runs away) and rebuilds or rescales what a multiplied update adds"
+    for n in ("Prodigy", "DAdaptSGD", "DAdaptAdaGrad")
+}
 # optimizers that rebuild the parameters from their own state: a multiplied step is pulled back (measured)
-_REBUILDS = ("Lookahead", "Ranger", "ScheduleFree", "FTRL", "SRMM", "Nero", "DAdaptAdaGrad", "A2Grad", "MADGRAD")
+_REBUILDS = ("Lookahead", "Ranger", "ScheduleFree", "FTRL", "SRMM", "Nero", "DAdaptAdaGrad", "DAdaptSGD", "A2Grad",
+             "MADGRAD")  # fmt: skip
 _NO_MODE = (
     "LBFGS keeps a single param group and its quasi-Newton step undoes a constant gradient scale, so no PDMP mode "
     "multiplies its update by gamma; use another optimizer"
@@ -77,6 +94,12 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise TypeError(
+            f"{type(optimizer).__name__} has no param_groups of its own (it steps copies of the parameters, such as "
+            "fp32 master weights), so no PDMP mode ('grad', 'lr' or 'update') reaches the model's parameters; wrap a "
+            "plain optimizer (for mixed precision, torch.amp with a GradScaler: scaler.step(opt) works)"
+        )
     base = driven_optimizer(optimizer)
     name = type(optimizer).__name__ if base is optimizer else f"{type(optimizer).__name__}({type(base).__name__})"
     has_lr = all("lr" in group for group in optimizer.param_groups)
@@ -85,9 +108,14 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
     if mode == "lr" and not has_lr:
         raise ValueError(f"mode='lr' scales each group's 'lr', but {name} has none; use mode='grad' or 'update'")
     gradient_linear = type(base) in _GRADIENT_LINEAR
-    torch_class = type(base) is getattr(torch.optim, type(base).__name__, None)
-    additive = _ADDITIVE.get(type(base).__name__) if torch_class else None
+    additive = _ADDITIVE.get(_qualified(type(base)))
     if mode == "auto":
+        if _qualified(type(base)) in _NO_MODE_KNOWN:
+            raise ValueError(
+                f"mode='auto' knows no mode that multiplies {name}'s step by gamma: it "
+                f"{_NO_MODE_KNOWN[_qualified(type(base))]}; pass mode='lr' or mode='update' knowingly, or use another "
+                "optimizer"
+            )
         if gradient_linear:
             return "grad", f"auto: {name}'s update is linear in the gradient, so gradients are scaled"
         if additive:
@@ -104,7 +132,7 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
               "sign-based optimizers normalise scale away), so gamma may have no effect; use mode='auto'")  # fmt: skip
     elif mode == "lr" and additive:
         _warn(f"mode='lr' with {name}: it {additive}, so lr x gamma barely moves the modality; use mode='auto'")
-    elif mode == "update" and any(key.lower() in type(base).__name__.lower() for key in _REBUILDS):
+    elif mode == "update" and any(key.lower() in name.lower() for key in _REBUILDS):  # Lookahead(SGD) too
         _warn(f"mode='update' with {name}: it rebuilds the parameters from its own state, so its next steps pull a "
               "multiplied step back; use mode='auto' (lr)")  # fmt: skip
     return mode, "explicit"  # type: ignore[return-value]
@@ -128,6 +156,13 @@ def compensates_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
         or bool(group.get("decoupled_weight_decay"))  # torch >= 2.6 marks AdamW's groups so, too
         or type(driven_optimizer(optimizer)) in (torch.optim.AdamW, getattr(torch.optim, "Muon", None))
     )
+
+
+def _qualified(cls: type) -> tuple[str, str]:
+    """``("torch", name)`` for torch.optim's own classes (not subclasses), else (top-level package, name)."""
+    if getattr(torch.optim, cls.__name__, None) is cls:
+        return "torch", cls.__name__
+    return cls.__module__.partition(".")[0], cls.__name__
 
 
 def _is_linear_wrapper(optimizer: Optimizer) -> bool:

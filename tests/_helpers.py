@@ -104,7 +104,7 @@ def assert_same_params(a: nn.Module, b: nn.Module, **tolerance: float) -> None:
 def standard_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
     """Each parameter's optimizer state by parameter name, SGD's momentum in standard units (as a plain optimizer
     keeps it): what a ``PDMPOptimizer`` and a ``PDMPReference`` of the same run must agree on."""
-    scale = {p: g.get("momentum_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    scale = {p: g.get("pdmp_momentum_scale", 1.0) for g in opt.param_groups for p in g["params"]}
     out = {}
     for name, p in model.named_parameters():
         entry = dict(opt.state.get(p, {}))

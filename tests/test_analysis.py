@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import itertools
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -17,8 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pdmp_optim import PDMPOptimizer, rank_modalities
-from pdmp_optim.analysis import analyze_modalities, unimodal_histories
-from pdmp_optim.analysis.probes import _Progress
+from pdmp_optim.analysis import analyze_modalities, probes, unimodal_histories
 from pdmp_optim.ranking import ModalityRanking
 
 C = 4
@@ -222,7 +223,7 @@ BAD_INPUT = [
     ("no epochs", dict(epochs=0), r"epochs must be >= 1"),
     ("empty train", dict(train=[]), r"train_batches is empty"),
     ("empty eval", dict(val=[]), r"eval_batches is empty"),
-    ("one encoder", dict(only_one=True), r"at least two modality encoders"),
+    ("one encoder", dict(only_one=True), r"groups must hold at least two modalities"),
     ("one class", dict(num_classes=1), r"num_classes must be >= 2"),
 ]
 
@@ -251,7 +252,7 @@ def test_bad_input_is_a_value_error_naming_the_fix(case: str, change: dict, mess
 
 
 def test_wrong_types_are_type_errors() -> None:
-    with pytest.raises(TypeError, match=r"must be an nn\.Module"):
+    with pytest.raises(TypeError, match=r"groups\['slow'\] must be an nn\.Module \(its encoder\), got str"):
         analyze_modalities({"quick": nn.Linear(8, 4), "slow": "encoder"}, TRAIN, VAL, num_classes=C)
     with pytest.raises(TypeError, match="batch_fn="):
         analyze_modalities(make_encoders(), [(1, 2, 3)], VAL, num_classes=C)
@@ -322,7 +323,7 @@ def test_inputs_that_are_not_callables_tensors_or_iterables_name_the_argument() 
     for name in ("optimizer", "loss", "metric", "batch_fn"):
         with pytest.raises(TypeError, match=rf"^{name} must be callable or None, got int"):
             unimodal_histories(make_encoders(), TRAIN, VAL, **{**kwargs, name: 1})
-    with pytest.raises(TypeError, match=r"^groups must be a dict modality -> nn.Module"):
+    with pytest.raises(TypeError, match=r"^groups must map each modality to an nn.Module"):
         unimodal_histories([nn.Linear(8, 4), nn.Linear(32, 4)], TRAIN, VAL, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"train_batches must be an iterable of \(inputs, target\) batches"):
         unimodal_histories(make_encoders(), 3, VAL, **kwargs)  # type: ignore[arg-type]
@@ -458,30 +459,28 @@ def test_exact_tie_warns_and_warn_false_is_quiet() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- progress
-def test_progress_is_quiet_off_a_terminal(capfd: pytest.CaptureFixture[str]) -> None:
-    unimodal_histories(make_encoders(), TRAIN, VAL, num_classes=C, epochs=1, optimizer=fast_sgd, subset=0.25)
-    assert capfd.readouterr().err == ""
-    quiet = _Progress(None, total=4, stream=io.StringIO())  # a StringIO is not a terminal
-    quiet.start -= 10.0
-    quiet.advance()
-    quiet.close()
-    assert quiet.stream.getvalue() == ""
-    off = _Progress(False, total=4, stream=io.StringIO())
-    off.start -= 10.0
-    off.advance()
-    assert off.stream.getvalue() == ""
+class Terminal(io.StringIO):
+    """An in-memory stderr that says it is a terminal (or not)."""
+
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
 
 
-def test_progress_line_when_asked_and_slow() -> None:
-    bar = _Progress(True, total=4, stream=io.StringIO())
-    bar.label = "run 1/1, epoch 1"
-    bar.advance()  # within the first second: nothing yet
-    assert bar.stream.getvalue() == ""
-    bar.start -= 10.0
-    bar.advance()
-    bar.close()
-    text = bar.stream.getvalue()
-    assert text.startswith("\ranalyze_modalities run 1/1, epoch 1 [") and "50%" in text and text.endswith("\n")
+@pytest.mark.parametrize(
+    ("progress", "tty", "shown"), [(True, False, True), (None, False, False), (None, True, True), (False, True, False)]
+)
+def test_progress_line_on_stderr_when_asked_or_on_a_terminal_after_a_second(
+    progress: bool | None, tty: bool, shown: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = itertools.count(0.0, 0.6)  # every reading 0.6 s later: the first epoch ends within the first second
+    monkeypatch.setattr(probes, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sys, "stderr", Terminal(tty))
+    unimodal_histories(make_encoders(), TRAIN, VAL, num_classes=C, epochs=2, optimizer=fast_sgd, progress=progress)
+    assert sys.stderr.getvalue() == ("\ranalyze_modalities: run 1/1, epoch 2/2\n" if shown else "")
 
 
 # -------------------------------------------------------------------------------------- data sources, devices

@@ -1,5 +1,5 @@
 """Checkpoints and copies: ``state_dict()`` is the inner optimizer's own, its param groups mirror ``opt.param_groups``
-(each with its ``"modality"`` and ``"gamma"``), so ``torch.save``, torch's distributed checkpoint (DCP), copies and
+(each with its ``"modality"`` and ``"pdmp_gamma"``), so ``torch.save``, torch's distributed checkpoint (DCP), copies and
 plain optimizers carry PDMP's settings; a resumed run continues bit for bit. ``load_state_dict`` converts plain and
 0.2.0 checkpoints and refuses anything else, naming the way out and changing nothing."""
 
@@ -133,15 +133,15 @@ def test_state_dict_mirrors_the_param_groups_and_is_plain_data(setup, layout):
     for saved, group in zip(state["param_groups"], opt.param_groups, strict=True):
         assert saved.keys() == group.keys()
         assert saved["params"] == [next(ids) for _ in group["params"]]
-        assert saved.get("momentum_scale", 1.0) == 1.0  # SGD lr mode saves its momentum in standard units
-        skip = ("params", "momentum_scale")
+        assert saved.get("pdmp_momentum_scale", 1.0) == 1.0  # SGD lr mode saves its momentum in standard units
+        skip = ("params", "pdmp_momentum_scale")
         assert {k: v for k, v in saved.items() if k not in skip} == {k: v for k, v in group.items() if k not in skip}
-    assert [(g["modality"], g["gamma"]) for g in state["param_groups"]] == [
+    assert [(g["modality"], g["pdmp_gamma"]) for g in state["param_groups"]] == [
         ("audio", GAMMAS["audio"]),
         ("visual", GAMMAS["visual"]),
         (None, 1.0),
     ]
-    by_id = [(p, group.get("momentum_scale", 1.0)) for group in opt.param_groups for p in group["params"]]
+    by_id = [(p, group.get("pdmp_momentum_scale", 1.0)) for group in opt.param_groups for p in group["params"]]
     for index, entry in state["state"].items():
         p, scale = by_id[index]
         live = dict(opt.state[p])
@@ -199,7 +199,7 @@ def test_loading_restores_the_gammas_the_checkpoint_was_saved_with():
     _, target = build("SGD-grad", gammas=OTHER)
     target.load_state_dict(opt.state_dict())
     assert dict(target.gammas) == {"audio": 1.0, "visual": 3.0}
-    assert [g["gamma"] for g in target.param_groups] == [1.0, 3.0, 1.0]
+    assert [g["pdmp_gamma"] for g in target.param_groups] == [1.0, 3.0, 1.0]
 
 
 def test_a_modulation_window_survives_a_checkpoint_and_follows_the_reference():
@@ -291,7 +291,7 @@ def test_distributed_checkpoint_of_adamw_over_one_group_resumes_and_names_each_m
         assert torch.equal(entry["exp_avg_sq"], opt.state[named[name]]["exp_avg_sq"]), name
     for saved_group, group in zip(saved["param_groups"], opt.param_groups, strict=True):
         assert [named[n] for n in saved_group["params"]] == group["params"]
-        assert all(saved_group[k] == group[k] for k in ("lr", "betas", "eps", "weight_decay", "modality", "gamma"))
+        assert all(saved_group[k] == group[k] for k in ("lr", "betas", "eps", "weight_decay", "modality", "pdmp_gamma"))
 
     model_b = TwoModal(seed=1)
     model_b.load_state_dict(model.state_dict())
@@ -386,7 +386,7 @@ def test_a_plain_checkpoint_in_the_split_layout_loads_too():
     train(model, plain, range(2))
     opt = PDMPOptimizer(sgd(model.trained()), model.groups(), gammas=GAMMAS, mode="lr")
     opt.load_state_dict(plain.state_dict())
-    assert [(g["modality"], g["gamma"]) for g in opt.param_groups] == [
+    assert [(g["modality"], g["pdmp_gamma"]) for g in opt.param_groups] == [
         ("audio", GAMMAS["audio"]),
         ("visual", GAMMAS["visual"]),
         (None, 1.0),
@@ -586,7 +586,8 @@ def test_a_shallow_copy_shares_the_inner_optimizer_and_leaves_the_originals_chec
 
 def test_a_shallow_copy_whose_gammas_change_keeps_the_momentum_consistent():
     """Issue 16, item 5: in SGD lr mode ``copy.copy(opt).gammas = ...`` changes the shared groups; each group's
-    ``momentum_scale`` follows the units its buffers are in, and the run goes on equal to grad mode's to rounding."""
+    ``pdmp_momentum_scale`` follows the units its buffers are in, and the run goes on equal to grad mode's to
+    rounding."""
     model, opt = build("SGD-lr")
     grad_model, grad_opt = build("SGD-grad")
     train(model, opt, range(3))

@@ -11,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pdmp_optim import _checks, coefficients
-from pdmp_optim._checks import as_finite, as_number, check_gamma, check_gammas, check_int, check_name
+from pdmp_optim._checks import (
+    as_finite,
+    as_number,
+    check_gamma,
+    check_gammas,
+    check_int,
+    check_modalities,
+    check_name,
+)
 
 ONE_ELEMENT = [
     2.5,
@@ -86,6 +94,19 @@ def test_check_name_and_check_gammas() -> None:
         check_gammas({"audio": -1.0})
     with pytest.raises(TypeError, match="gammas must map modality -> coefficient"):
         check_gammas([("audio", 1.0)])
+
+
+def test_check_modalities_wants_a_mapping_of_two_or_more_named_modalities() -> None:
+    """The one check behind rank_modalities' scores, analyze_modalities' groups and logit_ratio's logits."""
+    assert check_modalities({"audio": 1, "visual": 2}, "scores", "a score") == ["audio", "visual"]
+    with pytest.raises(TypeError, match=r"^groups must map each modality to an encoder, got list$"):
+        check_modalities([1, 2], "groups", "an encoder")
+    with pytest.raises(ValueError, match=r"^scores must hold at least two modalities, got \['audio'\]; with one"):
+        check_modalities({"audio": 1}, "scores", "a score")
+    with pytest.raises(TypeError, match="modality names must be non-empty strings"):
+        check_modalities({"audio": 1, 2: 2}, "scores", "a score")
+    with pytest.raises(TypeError, match=r"^logits\['visual'\] must be a tensor, got list$"):
+        check_modalities({"audio": torch.ones(1), "visual": [1.0]}, "logits", "a tensor", torch.Tensor)
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False))

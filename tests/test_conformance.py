@@ -306,24 +306,25 @@ def assert_one_modality_per_group(opt: PDMPOptimizer, model: nn.Module, gammas: 
     of = {p: m for m, module in model.groups().items() for p in module.parameters()}
     for group in opt.param_groups:
         assert {of.get(p) for p in group["params"]} == {group["modality"]}, group["modality"]
-        assert group["gamma"] == (1.0 if group["modality"] is None else gammas[group["modality"]])
+        assert group["pdmp_gamma"] == (1.0 if group["modality"] is None else gammas[group["modality"]])
 
 
 def assert_mirrors_param_groups(opt: PDMPOptimizer, state_dict: Mapping[str, Any]) -> None:
     """``state_dict["param_groups"]`` has ``opt.param_groups``' count, order and keys, every non-"params" value
     equal, and parameters numbered as torch numbers them (in order of first appearance across the groups); SGD's
-    lr-mode momentum is saved in standard units (``momentum_scale`` 1.0, the buffer times the live scale in float64)."""
+    lr-mode momentum is saved in standard units (``pdmp_momentum_scale`` 1.0, the buffer times the live scale in
+    float64)."""
     saved = state_dict["param_groups"]
     assert len(saved) == len(opt.param_groups), (len(saved), len(opt.param_groups))
     index: dict[int, int] = {}
     scale: dict[int, float] = {}
     for i, (packed, group) in enumerate(zip(saved, opt.param_groups, strict=True)):
         assert set(packed) == set(group), f"group {i}: keys {sorted(packed)} != {sorted(group)}"
-        for key in group.keys() - {"params", "momentum_scale"}:
+        for key in group.keys() - {"params", "pdmp_momentum_scale"}:
             assert_same(packed[key], group[key], f"group {i}[{key!r}]")
-        assert packed.get("momentum_scale", 1.0) == 1.0
+        assert packed.get("pdmp_momentum_scale", 1.0) == 1.0
         for p in group["params"]:
-            scale[index.setdefault(id(p), len(index))] = group.get("momentum_scale", 1.0)
+            scale[index.setdefault(id(p), len(index))] = group.get("pdmp_momentum_scale", 1.0)
         assert packed["params"] == [index[id(p)] for p in group["params"]], f"group {i}: {packed['params']}"
     params = {index[id(p)]: p for group in opt.param_groups for p in group["params"]}
     assert set(state_dict["state"]) == {i for i, p in params.items() if opt.state.get(p)}
@@ -408,8 +409,8 @@ def test_state_dict_mirrors_the_groups_and_resumes_bit_for_bit_with_the_saved_ga
     assert "pdmp" not in saved
     assert_mirrors_param_groups(opt, saved)
     if opt.mode == "lr" and case.name == "SGD":  # momentum in standard units, in the groups and the checkpoint alike
-        assert [g.get("momentum_scale", 1.0) for g in saved["param_groups"]] == [1.0] * len(saved["param_groups"])
-        assert all("momentum_scale" in g for g in saved["param_groups"] if g["gamma"] != 1.0)
+        assert [g.get("pdmp_momentum_scale", 1.0) for g in saved["param_groups"]] == [1.0] * len(saved["param_groups"])
+        assert all("pdmp_momentum_scale" in g for g in saved["param_groups"] if g["pdmp_gamma"] != 1.0)
     loaded = roundtrip(saved)
     resumed_model, resumed = wrap(case, mode, layout="interleaved")  # built with GAMMAS: NEW_GAMMAS must win
     resumed_model.load_state_dict(model.state_dict())

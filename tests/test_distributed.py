@@ -198,7 +198,7 @@ def fsdp_dcp_section(rank: int, out: Path) -> dict[str, object]:
     first, first_opt = build()
     dcp_steps(first, first_opt, batches, range(DCP_SAVE))
     saved = {"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, first_opt)}
-    groups = [{k: v for k, v in g.items() if k in ("params", "modality", "gamma", "pdmp_split")}
+    groups = [{k: v for k, v in g.items() if k in ("params", "modality", "pdmp_gamma", "pdmp_split")}
               for g in saved["optim"]["param_groups"]]  # fmt: skip
     dcp.save(saved, checkpoint_id=out / "dcp")
 
@@ -296,9 +296,9 @@ def test_fsdp2_lr_mode_resumes_through_distributed_checkpoint_bit_for_bit(ranks)
     want = dcp_reference_params()
     for rank, results in enumerate(ranks):
         assert results["groups"] == [
-            {"params": names["audio"], "modality": "audio", "gamma": 0.5, "pdmp_split": [8, [0, 3, 6, 7]]},
-            {"params": names["visual"], "modality": "visual", "gamma": 4.0, "pdmp_split": [8, [1, 4]]},
-            {"params": names[None], "modality": None, "gamma": 1.0, "pdmp_split": [8, [2, 5]]},
+            {"params": names["audio"], "modality": "audio", "pdmp_gamma": 0.5, "pdmp_split": [8, [0, 3, 6, 7]]},
+            {"params": names["visual"], "modality": "visual", "pdmp_gamma": 4.0, "pdmp_split": [8, [1, 4]]},
+            {"params": names[None], "modality": None, "pdmp_gamma": 1.0, "pdmp_split": [8, [2, 5]]},
         ]
         assert results["gammas"] == DCP_GAMMAS  # restored from the param groups, not the constructor's
         for name, value in results["whole"].items():

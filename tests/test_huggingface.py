@@ -227,7 +227,7 @@ def test_subclass_wraps_the_optimizer_training_arguments_choose(tmp_path) -> Non
     for group in pdmp.param_groups:
         assert {modality.get(p) for p in group["params"]} == {group["modality"]}
         assert {names[p] in decay for p in group["params"]} == {group["weight_decay"] > 0}
-        assert group["gamma"] == GAMMAS.get(group["modality"], 1.0)
+        assert group["pdmp_gamma"] == GAMMAS.get(group["modality"], 1.0)
     assert [(g["modality"], g["weight_decay"]) for g in pdmp.param_groups] == [
         ("text", 0.1), ("image", 0.1), (None, 0.1), ("text", 0.0), ("image", 0.0), (None, 0.0),
     ]  # fmt: skip
@@ -276,7 +276,7 @@ def test_resume_from_checkpoint_continues_bit_for_bit_with_the_saved_gammas(tmp_
     assert (tmp_path / "checkpoint-2" / "optimizer.pt").is_file()
     saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert "pdmp" not in saved  # the inner optimizer's own state dict: the gammas travel in its param groups
-    assert [(g["modality"], g["gamma"]) for g in saved["param_groups"]] == [
+    assert [(g["modality"], g["pdmp_gamma"]) for g in saved["param_groups"]] == [
         (g["modality"], 1.0) for g in pdmp.param_groups
     ]
     assert len(saved["param_groups"]) == (3 if kind == "sgd" else 6)
@@ -284,6 +284,6 @@ def test_resume_from_checkpoint_continues_bit_for_bit_with_the_saved_gammas(tmp_
     # built as before the first run (gammas 15 and 1/15): the checkpoint brings the weights and the gammas
     resumed, pdmp2, trainer2 = run_to_resume(tmp_path / "again", kind, resume=str(tmp_path / "checkpoint-2"))
     assert dict(pdmp2.gammas) == {"text": 1.0, "image": 1.0}
-    assert [g["gamma"] for g in pdmp2.param_groups] == [1.0] * len(saved["param_groups"])
+    assert [g["pdmp_gamma"] for g in pdmp2.param_groups] == [1.0] * len(saved["param_groups"])
     assert trainer2.lr_scheduler.last_epoch == STEPS
     assert_same(resumed, whole)

@@ -130,7 +130,7 @@ def test_step_with_inf_gradients_is_skipped_and_training_continues(clip, zero):
                 assert torch.equal(value, params_before[name]), f"{name} changed on a skipped step"
             state_after = opt.state_dict()
             assert state_after["param_groups"] == state_before["param_groups"]  # gammas and lrs included
-            assert [g["gamma"] for g in state_after["param_groups"]] == [GAMMAS["audio"], GAMMAS["visual"], 1.0]
+            assert [g["pdmp_gamma"] for g in state_after["param_groups"]] == [GAMMAS["audio"], GAMMAS["visual"], 1.0]
             for key, entry in state_before["state"].items():
                 assert torch.equal(entry["momentum_buffer"], state_after["state"][key]["momentum_buffer"])
             assert amp.get_scale() == scale_before / 2  # the scaler backed off

@@ -129,7 +129,7 @@ def test_checkpoint_resume_restores_the_gammas_from_the_param_groups(tmp_path):
     first_trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["optimizer_states"][0]
     assert "pdmp" not in saved  # the inner optimizer's own state dict, one param group per modality
-    assert [(g["modality"], g["gamma"], g["params"]) for g in saved["param_groups"]] == [
+    assert [(g["modality"], g["pdmp_gamma"], g["params"]) for g in saved["param_groups"]] == [
         ("audio", GAMMAS["audio"], [0, 1, 2, 3]),
         ("visual", GAMMAS["visual"], [4, 5]),
         (None, 1.0, [6, 7]),
@@ -151,5 +151,9 @@ def test_checkpoint_resume_restores_the_gammas_from_the_param_groups(tmp_path):
     other = PDMPModule(gammas={"audio": 1.0, "visual": 15.0})
     trainer().fit(other, loader(1), ckpt_path=path)
     assert other.optimizers().optimizer.gammas == GAMMAS
-    assert [g["gamma"] for g in other.optimizers().optimizer.param_groups] == [GAMMAS["audio"], GAMMAS["visual"], 1.0]
+    assert [g["pdmp_gamma"] for g in other.optimizers().optimizer.param_groups] == [
+        GAMMAS["audio"],
+        GAMMAS["visual"],
+        1.0,
+    ]
     assert_same_params(other.model, whole.model)

@@ -1,4 +1,4 @@
-"""Param groups: every group holds one modality and says so (``"modality"``, ``"gamma"``). A group that mixes
+"""Param groups: every group holds one modality and says so (``"modality"``, ``"pdmp_gamma"``). A group that mixes
 modalities is split in place, in order of first appearance, with the same settings; a parameter of a module named in
 ``groups=`` is that modality whenever it enters the optimizer (added, reassigned, loaded); a contradicting or unknown
 tag is refused and changes nothing; LR schedulers created after wrapping reach every group, and one attached before
@@ -73,7 +73,11 @@ def test_every_mode_splits_a_mixed_group_in_order_of_first_appearance_keeping_it
     inner = torch.optim.SGD([(by_name[p], p) for p in order], lr=0.1, momentum=0.8, weight_decay=1e-3)
     opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS, mode=mode)
     assert opt.param_groups is inner.param_groups
-    assert [(g["modality"], g["gamma"]) for g in opt.param_groups] == [("audio", 1 / 15), ("visual", 15.0), (None, 1.0)]
+    assert [(g["modality"], g["pdmp_gamma"]) for g in opt.param_groups] == [
+        ("audio", 1 / 15),
+        ("visual", 15.0),
+        (None, 1.0),
+    ]
     assert [g["params"] for g in opt.param_groups] == [
         list(model.audio.parameters()),
         list(model.visual.parameters()),
@@ -115,7 +119,7 @@ def test_zero_redundancy_optimizer_is_refused_a_split_and_told_to_build_one_grou
     try:
         model = TwoModal()
         zero = ZeroRedundancyOptimizer(model.trained(), optimizer_class=torch.optim.SGD, lr=0.1)
-        with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* build it with one group per modality"):
+        with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* build it with one param group per modality"):
             PDMPOptimizer(zero, model.groups(), gammas=GAMMAS)
         per_modality = [list(m.parameters()) for m in (model.audio, model.visual, model.head)]
         zero = ZeroRedundancyOptimizer(per_modality[0], optimizer_class=torch.optim.SGD, lr=0.1)
@@ -167,7 +171,7 @@ def test_add_param_group_with_a_tag_is_scaled_without_one_on_shared_parameters_i
     audio, shared = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     opt.add_param_group({"params": [audio], "modality": "audio"})
     opt.add_param_group({"params": [shared]})
-    assert [(g["modality"], g["gamma"]) for g in opt.param_groups[3:]] == [("audio", 1 / 15), (None, 1.0)]
+    assert [(g["modality"], g["pdmp_gamma"]) for g in opt.param_groups[3:]] == [("audio", 1 / 15), (None, 1.0)]
     audio.grad, shared.grad = torch.ones(3), torch.ones(3)
     opt.scale_grads_()
     assert torch.equal(audio.grad, torch.full((3,), 1 / 15))
@@ -186,7 +190,7 @@ def test_an_unknown_tag_is_refused_naming_the_modalities_and_changes_nothing(whe
         opt.step()  # a group added on the inner optimizer is checked at the next entry point
     assert opt.param_groups[:3] == groups
     if where == "inner":  # torch added it; PDMP left it untagged
-        assert len(opt.param_groups) == 4 and "gamma" not in opt.param_groups[3]
+        assert len(opt.param_groups) == 4 and "pdmp_gamma" not in opt.param_groups[3]
     else:
         assert len(opt.param_groups) == 3
 
@@ -212,7 +216,7 @@ def test_a_layer_frozen_at_wrap_time_and_added_later_without_a_tag_is_scaled_as_
     step_both([(model, opt), (ref_model, ref)], range(2, 5))
     assert_same_params(model, ref_model, **tolerance)
     assert not torch.equal(model.visual[0].weight, TwoModal().visual[0].weight)
-    assert (opt.param_groups[-1]["modality"], opt.param_groups[-1]["gamma"]) == ("visual", 15.0)
+    assert (opt.param_groups[-1]["modality"], opt.param_groups[-1]["pdmp_gamma"]) == ("visual", 15.0)
 
 
 def test_a_tag_that_contradicts_groups_is_refused_and_changes_nothing():
@@ -234,7 +238,7 @@ def test_a_tag_that_contradicts_groups_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=message):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
-    assert opt.param_groups[:-1] == groups and "gamma" not in opt.param_groups[-1]
+    assert opt.param_groups[:-1] == groups and "pdmp_gamma" not in opt.param_groups[-1]
 
 
 ENTRY_POINTS = {
@@ -264,7 +268,7 @@ def test_a_mixed_group_added_on_the_inner_optimizer_is_split_at_the_next_entry_p
     shared = nn.Parameter(torch.zeros(2))
     opt.optimizer.add_param_group({"params": [model.visual[0].weight, shared, model.visual[0].bias], "lr": 0.3})
     ENTRY_POINTS[entry_point](opt)
-    assert [(g["modality"], g["gamma"], g["lr"], g.get("pdmp_split")) for g in opt.param_groups] == [
+    assert [(g["modality"], g["pdmp_gamma"], g["lr"], g.get("pdmp_split")) for g in opt.param_groups] == [
         ("audio", 1 / 15, 0.05, [6, [0, 1, 2, 3]]),
         (None, 1.0, 0.05, [6, [4, 5]]),
         ("visual", 15.0, 0.3, [3, [0, 2]]),

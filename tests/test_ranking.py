@@ -194,7 +194,7 @@ def test_warn_false_is_silent_but_keeps_notes() -> None:
         ({"a": [0.5, math.nan], "v": [0.4, 0.7]}, {}, r"score \(epoch 1\) of 'a' is nan; drop or repair"),
         ({"a": math.inf, "v": 0.7}, {}, r"score of 'a' is inf"),
         ({"a": [[0.5, 0.6], [0.5, -math.inf]], "v": [[0.1, 0.2], [0.1, 0.2]]}, {}, r"run 1, epoch 1\) of 'a' is -inf"),
-        ({"a": 0.6, "v": 0.7}, {"early": {"a": math.nan, "v": 0.1}}, r"early score of 'a' is nan"),
+        ({"a": 0.6, "v": 0.7}, {"early": {"a": math.nan, "v": 0.1}}, r"early\['a'\] is nan; drop or repair"),
         ({"a": [], "v": [0.1]}, {}, r"scores of 'a' are empty"),
         ({"a": [[0.1], []], "v": [[0.1], [0.2]]}, {}, r"run 1 of 'a' is empty"),
         ({"a": [[0.1, 0.2]], "v": [[0.1, 0.2], [0.2, 0.3]]}, {}, r"same number of runs"),
@@ -204,7 +204,7 @@ def test_warn_false_is_silent_but_keeps_notes() -> None:
         ({"a": 0.6}, {}, r"at least two modalities"),
         ({}, {}, r"at least two modalities"),
         ({"a": [0.5, 0.6], "v": [0.4, 0.7]}, {"early": {"a": 0.1, "v": 0.2}}, r"early= only with single final"),
-        ({"a": 0.6, "v": 0.7}, {"early": {"a": 0.1}}, r"early= must map exactly the modalities"),
+        ({"a": 0.6, "v": 0.7}, {"early": {"a": 0.1}}, r"early names \['a'\], but the modalities are \['a', 'v'\]"),
         ({"a": [[0.6], [0.7]], "v": [[0.6], [0.8]]}, {"early": {"a": 0.1, "v": 0.2}}, r"early= takes one score"),
     ],
 )
@@ -216,7 +216,7 @@ def test_bad_input_is_a_value_error(scores: dict, kwargs: dict, message: str) ->
 @pytest.mark.parametrize(
     ("scores", "message"),
     [
-        ([0.1, 0.2], r"scores must be a mapping"),
+        ([0.1, 0.2], r"scores must map each modality to a score"),
         ({"a": "0.6", "v": 0.7}, r"scores of 'a' must be a number"),
         ({"a": [0.5, "x"], "v": [0.4, 0.7]}, r"must be a number"),
         ({"a": True, "v": 0.7}, r"must be a number"),
@@ -310,7 +310,7 @@ def test_from_dict_accepts_a_minimal_dict_and_rejects_garbage() -> None:
     assert r.gammas(15) == {"v": 15.0, "a": 1 / 15}
     with pytest.raises(ValueError, match="missing"):
         ModalityRanking.from_dict({"order": ["v", "a"]})
-    with pytest.raises(ValueError, match="order names"):
+    with pytest.raises(ValueError, match=r"final_scores names \['a', 'v'\], but the modalities are \['v', 'x'\]"):
         ModalityRanking.from_dict({"order": ["v", "x"], "final_scores": {"a": 0.6, "v": 0.7}})
 
 
@@ -325,7 +325,7 @@ def _valid() -> dict:
 _COUNTS = {"v": {"train": 10, "eval": 5}, "a": {"train": 10, "eval": 5}}
 INCONSISTENT = [
     ("early names", {"early_scores": {"a": 0.5, "x": 0.3}}, ValueError, r"early_scores names \['a', 'x'\]"),
-    ("early too few", {"early_scores": {"a": 0.5}}, ValueError, r"early_scores names \['a'\] but order"),
+    ("early too few", {"early_scores": {"a": 0.5}}, ValueError, r"early_scores names \['a'\], but the modalities"),
     ("final_std names", {"final_std": {"v": 0.1, "t": 0.1}}, ValueError, r"final_std names"),
     ("early_std names", {"early_std": {"v": 0.0}}, ValueError, r"early_std names"),
     ("early_std alone", {"early_scores": None}, ValueError, r"early_std is given but early_scores is not"),
@@ -350,9 +350,14 @@ INCONSISTENT = [
     ("misspelt key", {"early_score": {"v": 0.3, "a": 0.5}}, ValueError, r"unknown keys \['early_score'\]"),
     ("samples names", {"num_samples": {"v": {"train": 1, "eval": 1}}}, ValueError, r"num_samples names \['v'\]"),
     ("samples not a dict", {"num_samples": [1, 2]}, TypeError, r"num_samples must map modality"),
-    ("samples negative", {"num_samples": _COUNTS | {"a": {"train": -1, "eval": 1}}}, ValueError, r"counts n >= 0"),
+    (
+        "samples negative",
+        {"num_samples": _COUNTS | {"a": {"train": -1, "eval": 1}}},
+        ValueError,
+        r"num_samples\['a'\]\['train'\] must be >= 0, got -1",
+    ),
     ("samples keys", {"num_samples": _COUNTS | {"a": {"eval": 1}}}, ValueError, r"num_samples\['a'\] must be"),
-    ("samples float", {"num_samples": _COUNTS | {"a": {"train": 1.5, "eval": 1}}}, ValueError, r"num_samples\['a'\]"),
+    ("samples float", {"num_samples": _COUNTS | {"a": {"train": 1.5, "eval": 1}}}, TypeError, r"num_samples\['a'\]"),
 ]
 
 

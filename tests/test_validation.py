@@ -170,7 +170,7 @@ def test_a_group_to_split_while_a_scheduler_is_attached():
     torch.optim.lr_scheduler.StepLR(inner, step_size=1)
     with pytest.raises(ValueError, match=r"mixes modalities, so PDMP must split it .* scheduler is attached .* after"):
         PDMPOptimizer(inner, model.groups(), dominant="audio")
-    assert len(inner.param_groups) == 1 and "gamma" not in inner.param_groups[0]  # nothing was changed
+    assert len(inner.param_groups) == 1 and "pdmp_gamma" not in inner.param_groups[0]  # nothing was changed
     one_per_modality = tagged(TwoModal(), "audio")  # nothing to split: a scheduler attached before is fine
     torch.optim.lr_scheduler.StepLR(one_per_modality, step_size=1)
     PDMPOptimizer(one_per_modality, dominant="audio")
@@ -188,7 +188,7 @@ def test_reassigned_gammas_are_checked_and_a_bad_mapping_changes_nothing():
     ):
         with pytest.raises(error, match=match):
             opt.gammas = bad
-        assert opt.gammas == GAMMAS and [g["gamma"] for g in opt.param_groups] == [1 / 15, 15.0, 1.0]
+        assert opt.gammas == GAMMAS and [g["pdmp_gamma"] for g in opt.param_groups] == [1 / 15, 15.0, 1.0]
 
 
 def test_pdmp_gammas_checks_its_arguments():

@@ -29,15 +29,14 @@ out of that modality's model.
 {'train': 256, 'eval': 128}
 
 The modules: :mod:`~pdmp_optim.analysis.ranking` (:func:`~pdmp_optim.rank_modalities`, for scores of unimodal
-models you trained yourself, and :class:`~pdmp_optim.ModalityRanking`), :mod:`~pdmp_optim.analysis.premise`
-(:class:`PremiseCheck`, the answer of ``ModalityRanking.check_premise``), :mod:`~pdmp_optim.analysis.probes`
-(:func:`analyze_modalities`, :func:`unimodal_histories`) and :mod:`~pdmp_optim.analysis.tasks` (the built-in
-tasks and their metrics). Every name is importable from here.
+models you trained yourself, :class:`~pdmp_optim.ModalityRanking`, and :class:`PremiseCheck`, the answer of
+``ModalityRanking.check_premise``), :mod:`~pdmp_optim.analysis.probes` (:func:`analyze_modalities`,
+:func:`unimodal_histories`) and :mod:`~pdmp_optim.analysis.tasks` (the built-in tasks and their metrics). Every
+name is importable from here.
 """
 
-from .premise import PremiseCheck
 from .probes import analyze_modalities, unimodal_histories
-from .ranking import ModalityRanking, rank_modalities
+from .ranking import ModalityRanking, PremiseCheck, rank_modalities
 from .tasks import accuracy, mean_absolute_error, mean_average_precision
 
 __all__ = [

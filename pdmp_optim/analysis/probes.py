@@ -6,23 +6,22 @@ trains the same models and returns their raw score histories.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import functools
 import itertools
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TextIO, TypeVar, cast
+from functools import partial, wraps
+from time import monotonic
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 
-from .._checks import check_int, check_name
+from .._checks import check_int, check_modalities
 from .ranking import ModalityRanking, check_early_epoch, rank_modalities
 from .tasks import Loss, Metric, Task, TaskSpec, direction
 
@@ -37,7 +36,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _accepts_encoders(fn: _F) -> _F:
     """Take 0.2's keyword ``encoders=`` for ``groups=``, with a ``DeprecationWarning``, until 0.4."""
 
-    @functools.wraps(fn)
+    @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "encoders" in kwargs:
             if args or "groups" in kwargs:
@@ -171,8 +170,7 @@ def analyze_modalities(
             one (batch, ...) tensor after ``features`` (the message shows the ``features=`` that fixes it), a
             missing ``num_classes``, a ``loss`` that does not return a scalar tensor, an unknown keyword.
     """
-    options = dict(locals())  # the arguments by name; the last three are the ranking's, not the probes'
-    del options["higher_is_better"], options["early_epoch"], options["warn"]
+    options = {k: v for k, v in locals().items() if k not in ("higher_is_better", "early_epoch", "warn")}  # probes'
     higher = direction(higher_is_better, task, metric)
     early_epoch = check_early_epoch(early_epoch, check_int(epochs, "epochs", minimum=1))  # before any training
     histories, counts = _train_probes(**options)
@@ -227,8 +225,8 @@ def _train_probes(
     seed: Any,
 ) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, int]]]:  # fmt: skip
     """The histories, and the samples each modality's scores rest on: ``{modality: {"train": n, "eval": n}}``
-    (training samples per epoch, the fewest over runs)."""
-    names = _check_groups(groups)
+    (training samples per epoch, the fewest over runs and epochs)."""
+    names = check_modalities(groups, "groups", "an nn.Module (its encoder)", nn.Module)
     spec = TaskSpec(task, num_classes, loss, metric)
     epochs, seeds = check_int(epochs, "epochs", minimum=1), check_int(seeds, "seeds", minimum=1)
     seed = check_int(seed, "seed")
@@ -238,84 +236,65 @@ def _train_probes(
         if fn is not None and not callable(fn):
             raise TypeError(f"{what} must be callable or None, got {type(fn).__name__}")
     feature_fns = _feature_functions(features, names)
-    device = None if device is None else torch.device(device)
-    make_optimizer = _paper_sgd if optimizer is None else optimizer
-    split = _Splitter(names, spec, batch_fn)
-    cuda = _cuda_devices(groups, device)
+    factory = partial(SGD, lr=1e-3, momentum=0.9, weight_decay=1e-4) if optimizer is None else optimizer  # the paper's
+    split = partial(_split, names, spec, batch_fn)
+    # The probes draw random numbers (so does iter() on a shuffling DataLoader) from the CPU generator and those of
+    # the CUDA devices they use: seeded per run, on a fork that is restored afterwards; no other device is touched.
+    homes = {name: _home(groups[name], device) for name in names}  # where each probe trains
+    cuda = sorted({d.index for d in homes.values() if d.type == "cuda"})
+    generators = [torch.random.default_generator, *(torch.cuda.default_generators[i] for i in cuda)]
+    show = bool(getattr(sys.stderr, "isatty", lambda: False)()) if progress is None else bool(progress)
+    start = monotonic()
     histories: dict[str, list[list[float]]] = {name: [] for name in names}
-    trained: dict[str, list[int]] = {name: [] for name in names}
-    # Everything that may draw random numbers (even iter() on a DataLoader does) runs on a forked, seeded RNG:
-    # the CPU generator and those of the CUDA devices the probes use, and no other device's.
+    trained: dict[str, int] = {}
     with torch.random.fork_rng(devices=cuda):
-        _seed(seed, cuda)
-        n_train, n_used, examples = _first_look(train_batches, eval_batches, float(subset), split)
-        with contextlib.closing(_Progress(progress, total=seeds * epochs * n_used)) as bar:
-            for run in range(seeds):
-                _seed(seed + run, cuda)
-                chosen = _choose(n_train, n_used, seed + run)
-                probes = {
-                    n: _Probe(n, groups[n], examples[n], spec, feature_fns.get(n), device, make_optimizer)
-                    for n in names
-                }
-                if run == 0:
-                    _warn_flattened(probes)
-                for name in names:
-                    histories[name].append([])
-                for epoch in range(epochs):
-                    bar.label = at = f"run {run + 1}/{seeds}, epoch {epoch + 1}"
-                    _one_pass(probes, _iterate(train_batches, chosen), split, "train_batches", bar)
-                    if epoch == 0:
-                        _check_seen(probes, f"has no sample in the training batches of run {run + 1}/{seeds}: the "
-                                    "subset it drew holds only batches without it; pass a larger subset=")  # fmt: skip
-                        for name, probe in probes.items():
-                            trained[name].append(probe.samples)
-                    for probe in probes.values():
-                        probe.check_finite(at)
-                    _one_pass(probes, enumerate(eval_batches), split, "eval_batches", None)
-                    _check_seen(probes, "is missing from every batch of eval_batches (no input, None, or no sample "
-                                "marked present), so its probe cannot be scored; give it evaluation data or drop its "
-                                "encoder")  # fmt: skip
-                    for name, probe in probes.items():
-                        histories[name][-1].append(probe.score())
-    return histories, {name: {"train": min(trained[name]), "eval": probes[name].samples} for name in names}
+        n_train, n_used, examples = _first_look(train_batches, eval_batches, float(subset), split, names)
+        for run in range(seeds):
+            for generator in generators:
+                generator.manual_seed(seed + run)
+            draw = torch.Generator().manual_seed(seed + run)  # the run's subset of the training batches
+            chosen = sorted(torch.randperm(n_train, generator=draw)[:n_used].tolist())
+            probes = {n: _Probe(n, groups[n], examples[n], spec, feature_fns.get(n), homes[n], factory) for n in names}
+            if run == 0:
+                _warn_flattened(probes)
+            for epoch in range(epochs):
+                _one_pass(probes, _iterate(train_batches, chosen), split, "train_batches")
+                _check_seen(probes, f"has no sample in the training batches of run {run + 1}/{seeds}: the subset it "
+                            "drew holds only batches without it; pass a larger subset=")  # fmt: skip
+                for name, probe in probes.items():
+                    probe.check_finite(f"run {run + 1}/{seeds}, epoch {epoch + 1}")
+                    trained[name] = min(trained.get(name, probe.samples), probe.samples)
+                _one_pass(probes, enumerate(eval_batches), split, "eval_batches")
+                _check_seen(probes, "is missing from every batch of eval_batches (no input, None, or no sample "
+                            "marked present), so its probe cannot be scored; give it evaluation data or drop its "
+                            "encoder")  # fmt: skip
+                for probe in probes.values():
+                    probe.history.append(probe.score())
+                if show and monotonic() - start >= 1.0:  # one line on stderr, rewritten after every epoch
+                    end = "\n" if run + 1 == seeds and epoch + 1 == epochs else ""
+                    sys.stderr.write(f"\ranalyze_modalities: run {run + 1}/{seeds}, epoch {epoch + 1}/{epochs}{end}")
+                    sys.stderr.flush()
+            for name, probe in probes.items():
+                histories[name].append(probe.history)
+    return histories, {name: {"train": trained[name], "eval": probes[name].samples} for name in names}
 
 
-def _one_pass(probes: Mapping[str, _Probe], batches: Iterable[tuple[int, Any]], split: _Splitter, where: str,
-              bar: _Progress | None) -> None:  # fmt: skip
-    """Train every probe (with a progress ``bar``) or, without one, evaluate it, on the samples of ``batches`` (pairs
-    ``(index, batch)``) that have its modality."""
-    training = bar is not None
+def _one_pass(probes: Mapping[str, _Probe], batches: Iterable[tuple[int, Any]], split: Callable, where: str) -> None:
+    """Train (on ``train_batches``) or evaluate every probe on the samples of ``batches``, pairs ``(index, batch)``,
+    that have its modality."""
+    training = where == "train_batches"
     for probe in probes.values():
         probe.start(training)
     with torch.set_grad_enabled(training):
         for index, batch in batches:
-            inputs, target, masks = split(batch, f"batch {index} of {where}")
-            for name, probe in probes.items():
-                if name in inputs:
-                    probe.feed(*_select(inputs[name], target, masks.get(name)))
-            if bar is not None:
-                bar.advance()
+            for name, (x, target) in split(batch, f"batch {index} of {where}").items():
+                probes[name].feed(x, target)
 
 
 def _check_seen(probes: Mapping[str, _Probe], problem: str) -> None:
     empty = [name for name, probe in probes.items() if probe.samples == 0]
     if empty:
         raise ValueError(f"modality {empty} {problem}")
-
-
-def _check_groups(groups: Any) -> list[str]:
-    if not isinstance(groups, Mapping):
-        raise TypeError(f"groups must be a dict modality -> nn.Module (the encoders), got {type(groups).__name__}")
-    if len(groups) < 2:
-        raise ValueError(
-            f"analyze_modalities needs at least two modality encoders, got {list(groups)}; with one modality "
-            "there is nothing to rank"
-        )
-    for name, encoder in groups.items():
-        check_name(name)
-        if not isinstance(encoder, nn.Module):
-            raise TypeError(f"encoder {name!r} must be an nn.Module, got {type(encoder).__name__}")
-    return list(groups)
 
 
 def _feature_functions(features: Any, names: list[str]) -> dict[str, Features]:
@@ -336,43 +315,26 @@ def _feature_functions(features: Any, names: list[str]) -> dict[str, Features]:
     return dict(features)
 
 
-def _cuda_devices(groups: Mapping[str, nn.Module], device: torch.device | None) -> list[int]:
-    """Indices of the CUDA devices the probes will run on."""
-    devices = [device] if device is not None else [t.device for e in groups.values() for t in _tensors(e)]
-    return sorted({torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"})
-
-
-def _tensors(module: nn.Module) -> list[Tensor]:
-    return [*module.parameters(), *module.buffers()]
-
-
-def _seed(seed: int, cuda_devices: list[int]) -> None:
-    """Seed the CPU generator and the given CUDA devices' (``torch.manual_seed`` would touch every device)."""
-    torch.random.default_generator.manual_seed(seed)
-    for index in cuda_devices:
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
-
-
-def _paper_sgd(params: list[Tensor]) -> Optimizer:
-    """The paper's optimizer: SGD, lr 1e-3, momentum 0.9, weight decay 1e-4."""
-    return SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+def _home(encoder: nn.Module, device: Any) -> torch.device:
+    """Where the probe of ``encoder`` trains: ``device`` (a CUDA one with its index), else where the encoder's first
+    parameter or buffer is (the CPU for an encoder without any)."""
+    if device is not None:
+        return torch.empty(0, device=device).device
+    return next((t.device for t in itertools.chain(encoder.parameters(), encoder.buffers())), torch.device("cpu"))
 
 
 def _first_look(
-    train_batches: Iterable[Any], eval_batches: Iterable[Any], subset: float, split: _Splitter
-) -> tuple[int, int, dict[str, tuple[Tensor, int]]]:
+    train_batches: Iterable[Any], eval_batches: Iterable[Any], subset: float, split: Callable, names: list[str]
+) -> tuple[int, int, dict[str, tuple[Tensor, Tensor]]]:
     """Check the data sources; return the number of training batches, how many a run uses, and an input of each
-    modality with its number of samples (from the first training batches that have it)."""
+    modality with its target (from the first training batches that have it)."""
     for data, what in ((train_batches, "train_batches"), (eval_batches, "eval_batches")):
-        try:
-            one_shot = iter(data) is data
-        except TypeError:
+        if not isinstance(data, Iterable):
             raise TypeError(
                 f"{what} must be an iterable of (inputs, target) batches (a list or a DataLoader), "
                 f"got {type(data).__name__}"
-            ) from None
-        if one_shot:
+            )
+        if isinstance(data, Iterator):
             raise ValueError(
                 f"{what} is a one-shot iterator ({type(data).__name__}), but the analysis iterates it once per "
                 f"epoch and run; pass something re-iterable: a DataLoader, or list({what})"
@@ -382,16 +344,12 @@ def _first_look(
         raise ValueError("train_batches is empty; pass at least one (inputs, target) batch")
     if _count(eval_batches, at_most=1) == 0:
         raise ValueError("eval_batches is empty; pass at least one (inputs, target) batch to score the probes")
-    examples: dict[str, tuple[Tensor, int]] = {}
+    examples: dict[str, tuple[Tensor, Tensor]] = {}
     for index, batch in enumerate(train_batches):
-        inputs, target, masks = split(batch, f"batch {index} of train_batches")
-        for name, x in inputs.items():
-            if name not in examples:
-                x, t = _select(x, target, masks.get(name))
-                examples[name] = (x, t.shape[0])
-        if len(examples) == len(split.names):
+        examples = {**split(batch, f"batch {index} of train_batches"), **examples}
+        if len(examples) == len(names):
             break
-    missing = [name for name in split.names if name not in examples]
+    missing = [name for name in names if name not in examples]
     if missing:
         raise ValueError(
             f"modality {missing} is missing from every batch of train_batches (no input, None, or no sample "
@@ -408,151 +366,106 @@ def _count(data: Iterable[Any], at_most: int | None = None) -> int:
         return sum(1 for _ in itertools.islice(data, at_most))
 
 
-def _choose(n_total: int, n_used: int, run_seed: int) -> list[int] | None:
-    """The sorted batch indices a run trains on, drawn with its own generator (None: all of them)."""
-    if n_used >= n_total:
-        return None
-    generator = torch.Generator().manual_seed(run_seed)
-    return sorted(torch.randperm(n_total, generator=generator)[:n_used].tolist())
+def _iterate(batches: Iterable[Any], chosen: list[int]) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` for the chosen (sorted) batch indices, loading no others from a sequence and stopping a
+    loader after the last one needed."""
+    if isinstance(batches, Sequence):
+        return ((index, batches[index]) for index in chosen)
+    wanted = set(chosen)
+    return ((index, batch) for index, batch in itertools.islice(enumerate(batches), chosen[-1] + 1) if index in wanted)
 
 
-def _iterate(batches: Iterable[Any], chosen: list[int] | None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, batch)`` for the chosen batch indices (all when ``chosen`` is None), loading no others
-    from a sequence and stopping a loader after the last one needed."""
-    if chosen is None:
-        yield from enumerate(batches)
-    elif isinstance(batches, Sequence):
-        yield from ((index, batches[index]) for index in chosen)
-    else:
-        wanted = set(chosen)
-        for index, batch in enumerate(batches):
-            if index in wanted:
-                yield index, batch
-            if index >= chosen[-1]:
-                break
-
-
-def _select(x: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The rows of ``x`` and ``target`` that have the modality (all of them without a mask)."""
-    if mask is None:
-        return x, target
-    return x[mask.to(x.device)], target[mask.to(target.device)]
-
-
-class _Splitter:
-    """Turns a user batch into ``(inputs, target, masks)`` and checks it: ``inputs`` holds the modalities the batch
-    has (a modality absent, ``None`` or marked absent for every sample is left out), ``masks`` the per-sample masks
-    of the modalities some samples lack."""
-
-    def __init__(self, names: list[str], spec: TaskSpec, batch_fn: BatchFn | None) -> None:
-        self.names, self.spec, self.batch_fn = names, spec, batch_fn
-
-    def __call__(self, batch: Any, at: str) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        if self.batch_fn is not None:
-            batch = self.batch_fn(batch)
-        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3) or not isinstance(batch[0], Mapping):
-            raise TypeError(
-                f"{at} is not (inputs, target) or (inputs, target, present) with inputs a dict modality -> tensor "
-                f"(got {type(batch).__name__}); pass batch_fn= to adapt your layout, e.g. "
-                "batch_fn=lambda b: ({'audio': b[0], 'visual': b[1]}, b[2])"
+def _split(names: list[str], spec: TaskSpec, batch_fn: BatchFn | None, batch: Any, at: str) -> dict[str, Any]:
+    """A user batch as ``{modality: (input, target)}`` over the samples that have the modality, checked; a modality
+    the batch lacks (absent, ``None``, or marked absent for every sample) is left out."""
+    if batch_fn is not None:
+        batch = batch_fn(batch)
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3) or not isinstance(batch[0], Mapping):
+        raise TypeError(
+            f"{at} is not (inputs, target) or (inputs, target, present) with inputs a dict modality -> tensor "
+            f"(got {type(batch).__name__}); pass batch_fn= to adapt your layout, e.g. "
+            "batch_fn=lambda b: ({'audio': b[0], 'visual': b[1]}, b[2])"
+        )
+    raw = batch[0]
+    present = batch[2] if len(batch) == 3 and batch[2] is not None else {}
+    if not isinstance(present, Mapping):
+        raise TypeError(
+            f"the third element of {at} must map modality -> boolean tensor (N,) marking the samples that have "
+            f"it, got {type(present).__name__}"
+        )
+    for what, given in (("inputs", raw), ("present", present)):
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise ValueError(
+                f"{what} of {at} names {unknown}, which have no encoder; add encoders for them to groups or "
+                "leave them out of the batch (e.g. with batch_fn=)"
             )
-        raw = batch[0]
-        present = batch[2] if len(batch) == 3 and batch[2] is not None else {}
-        if not isinstance(present, Mapping):
-            raise TypeError(
-                f"the third element of {at} must map modality -> boolean tensor (N,) marking the samples that have "
-                f"it, got {type(present).__name__}"
-            )
-        for what, given in (("inputs", raw), ("present", present)):
-            unknown = [name for name in given if name not in self.names]
-            if unknown:
+    target = spec.check_target(batch[1], at)
+    n = target.shape[0]
+    parts: dict[str, tuple[Tensor, Tensor]] = {}
+    for name in names:
+        x, mask = raw.get(name), present.get(name)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (n,):
                 raise ValueError(
-                    f"{what} of {at} names {unknown}, which have no encoder; add encoders for them to groups or "
-                    "leave them out of the batch (e.g. with batch_fn=)"
+                    f"present[{name!r}] of {at} must be a boolean tensor of shape ({n},), one entry per sample "
+                    f"(True: the sample has {name!r}), got dtype {mask.dtype} and shape {tuple(mask.shape)}"
                 )
-        target = self.spec.check_target(batch[1], at)
-        inputs: dict[str, Tensor] = {}
-        masks: dict[str, Tensor] = {}
-        for name in self.names:
-            x, mask = raw.get(name), present.get(name)
-            if mask is not None:
-                mask = torch.as_tensor(mask)
-                if mask.dtype != torch.bool or tuple(mask.shape) != (target.shape[0],):
-                    raise ValueError(
-                        f"present[{name!r}] of {at} must be a boolean tensor of shape ({target.shape[0]},), one "
-                        f"entry per sample (True: the sample has {name!r}), got dtype {mask.dtype} and shape "
-                        f"{tuple(mask.shape)}"
-                    )
-            if x is None:
-                continue  # the whole batch lacks this modality
-            if not isinstance(x, Tensor):
-                raise TypeError(f"input {name!r} of {at} is {type(x).__name__}, not a tensor")
-            if mask is not None:
-                if x.dim() == 0 or x.shape[0] != target.shape[0]:
-                    raise ValueError(
-                        f"input {name!r} of {at} has shape {tuple(x.shape)}, but present[{name!r}] marks "
-                        f"{target.shape[0]} samples: keep a row for every sample (any values in the absent ones)"
-                    )
-                if not bool(mask.any()):
-                    continue  # no sample has it: as if absent
-                if not bool(mask.all()):
-                    masks[name] = mask
-            inputs[name] = x
-        return inputs, target, masks
+        if x is None:
+            continue  # the whole batch lacks this modality
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input {name!r} of {at} is {type(x).__name__}, not a tensor")
+        if mask is not None and (x.dim() == 0 or x.shape[0] != n):
+            raise ValueError(
+                f"input {name!r} of {at} has shape {tuple(x.shape)}, but present[{name!r}] marks {n} samples: "
+                "keep a row for every sample (any values in the absent ones)"
+            )
+        if mask is None or bool(mask.all()):
+            parts[name] = (x, target)
+        elif bool(mask.any()):  # else no sample has it: as if absent
+            parts[name] = (x[mask.to(x.device)], target[mask.to(target.device)])
+    return parts
 
 
 class _Probe:
-    """A deep copy of one encoder with a fresh linear head, its own optimizer, and what the current pass saw."""
+    """A deep copy of one encoder with a fresh linear head, its own optimizer, its score history, and what the
+    current pass saw."""
 
-    def __init__(
-        self,
-        name: str,
-        encoder: nn.Module,
-        example: tuple[Tensor, int],
-        spec: TaskSpec,
-        features: Features | None,
-        device: torch.device | None,
-        make_optimizer: OptimizerFactory,
-    ) -> None:
-        self.name, self.spec, self.features = name, spec, features
-        self.flattened: tuple[int, ...] | None = None  # the shape of a multi-dimensional output read flattened
+    def __init__(self, name: str, encoder: nn.Module, example: tuple[Tensor, Tensor], spec: TaskSpec,
+                 features: Features | None, device: torch.device, factory: OptimizerFactory) -> None:  # fmt: skip
+        self.name, self.spec, self.features, self.device = name, spec, features, device
+        self.history: list[float] = []
         self.encoder = copy.deepcopy(encoder)
-        for p in self.encoder.parameters():
-            p.grad = None
-        if device is None:
-            device = next((t.device for t in _tensors(self.encoder)), torch.device("cpu"))
-        self.device = device
-        self.encoder.to(self.device).eval()
+        self.encoder.zero_grad(set_to_none=True)  # the copy's, not the gradients you left behind
+        self.encoder.to(device).eval()
         with torch.no_grad():
-            read = self._features(example[0].to(self.device), example[1])
-        self.dtype = read.dtype
-        self.head = nn.Linear(read.shape[1], spec.num_outputs, device=self.device, dtype=read.dtype)
+            out = self._features(example[0].to(self.device), example[1].shape[0])
+        self.flattened = tuple(out.shape) if out.dim() > 2 else None  # a feature map or a sequence, read flattened
+        self.head = nn.Linear(math.prod(out.shape[1:]), spec.num_outputs, device=self.device, dtype=out.dtype)
         params: list[Tensor] = [p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(params)
+        self.optimizer = factory(params)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
                 f"optimizer factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer; "
                 "pass e.g. optimizer=lambda params: torch.optim.SGD(params, lr=1e-2)"
             )
         self.loss_sum = torch.zeros((), device=self.device)
-        self.start(training=False)  # defines what a pass records
 
     def start(self, training: bool) -> None:
         """Begin a pass over the data: ``train()`` or ``eval()`` mode, nothing seen yet."""
-        self.training = training
+        self.training, self.samples = training, 0
+        self.kept: list[tuple[Tensor, Tensor]] = []  # outputs and targets of an evaluation pass
         self.encoder.train(training)
         self.head.train(training)
-        self.samples = 0
-        self.outputs: list[Tensor] = []
-        self.targets: list[Tensor] = []
 
     def feed(self, x: Tensor, target: Tensor) -> None:
         """One training step on ``x`` (the inputs of ``target``'s samples), or, evaluating, keep its output."""
         self.samples += target.shape[0]
-        output = self.spec.shape_output(self.head(self._features(x.to(self.device, non_blocking=True), len(target))))
+        features = self._features(x.to(self.device, non_blocking=True), target.shape[0])
+        output = self.spec.shape_output(self.head(features.reshape(target.shape[0], -1)))
         if not self.training:
-            self.outputs.append(output)
-            self.targets.append(target)
+            self.kept.append((output, target))
             return
         loss = self.spec.loss(output, self.target(target))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -565,13 +478,15 @@ class _Probe:
 
     def score(self) -> float:
         """The metric over the outputs kept by an evaluation pass."""
-        value = self.spec.metric(torch.cat(self.outputs), self.target(torch.cat(self.targets)))
+        outputs, targets = zip(*self.kept, strict=True)
+        value = self.spec.metric(torch.cat(outputs), self.target(torch.cat(targets)))
         try:
             return float(value)
         except (TypeError, ValueError):
             raise TypeError(f"metric must return a number, got {type(value).__name__} for {self.name!r}") from None
 
     def _features(self, x: Tensor, batch: int) -> Tensor:
+        """What the head reads of the encoder's output, checked: one tensor with a row per sample."""
         out = self.encoder(x)
         if self.features is not None:
             out = self.features(out)
@@ -579,14 +494,12 @@ class _Probe:
             raise TypeError(_not_a_tensor(self.name, out, self.features is not None))
         if out.dim() == 0 or out.shape[0] != batch:
             raise TypeError(_not_the_batch(self.name, tuple(out.shape), batch))
-        if out.dim() > 2 and self.flattened is None:
-            self.flattened = tuple(out.shape)
-        return out.reshape(out.shape[0], -1)
+        return out
 
     def target(self, target: Tensor) -> Tensor:
         """The target on the probe's device, as a float of the head's dtype where the loss needs one."""
-        target = target.to(self.device, non_blocking=True)
-        return target if self.spec.task == "classification" else target.to(self.dtype)
+        dtype = None if self.spec.task == "classification" else self.head.weight.dtype
+        return target.to(self.device, dtype, non_blocking=True)
 
     def check_finite(self, at: str) -> None:
         if not torch.isfinite(self.loss_sum):
@@ -637,16 +550,11 @@ def _not_the_batch(name: str, shape: tuple[int, ...], batch: int) -> str:
 
 def _warn_flattened(probes: Mapping[str, _Probe]) -> None:
     """One warning per probe that reads a multi-dimensional output flattened (a feature map, a sequence)."""
-    for name, probe in probes.items():
-        shape = probe.flattened
-        if shape is None:
-            continue
-        if len(shape) == 4:
-            pool = "lambda out: out.mean(dim=(2, 3))  (a (batch, channels, H, W) map)"
-        elif len(shape) == 3:
-            pool = "lambda out: out.mean(dim=1)  (a (batch, time, features) sequence; out[:, 0] for a first token)"
-        else:
-            pool = f"lambda out: out.mean(dim={tuple(range(2, len(shape)))})"
+    for name, shape in [(name, probe.flattened) for name, probe in probes.items() if probe.flattened]:
+        pool = {
+            4: "lambda out: out.mean(dim=(2, 3))  (a (batch, channels, H, W) map)",
+            3: "lambda out: out.mean(dim=1)  (a (batch, time, features) sequence; out[:, 0] for a first token)",
+        }.get(len(shape), f"lambda out: out.mean(dim={tuple(range(2, len(shape)))})")
         warnings.warn(
             f"the {name!r} probe reads the encoder's output of shape (batch, {', '.join(map(str, shape[1:]))}) "
             f"flattened into {math.prod(shape[1:]):,} features. If your model pools it before fusion, pool it the "
@@ -655,32 +563,3 @@ def _warn_flattened(probes: Mapping[str, _Probe]) -> None:
             UserWarning,
             stacklevel=5,  # the caller of analyze_modalities / unimodal_histories, past _train_probes and decorator
         )
-
-
-class _Progress:
-    """A one-line progress display on stderr: only for runs over a second, only on a terminal (or if asked)."""
-
-    def __init__(self, enabled: bool | None, total: int, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            isatty = getattr(self.stream, "isatty", None)
-            enabled = bool(isatty()) if callable(isatty) else False
-        self.enabled, self.total, self.done, self.label = bool(enabled), max(total, 1), 0, ""
-        self.start, self.last, self.shown = time.monotonic(), 0.0, False
-
-    def advance(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if not self.enabled or now - self.start < 1.0 or (now - self.last < 0.2 and self.done < self.total):
-            return
-        self.last, self.shown = now, True
-        frac = self.done / self.total
-        eta = (now - self.start) * (1 - frac) / frac
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        self.stream.write(f"\ranalyze_modalities {self.label} [{bar}] {frac:4.0%} eta {eta:4.0f}s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
-            self.stream.flush()

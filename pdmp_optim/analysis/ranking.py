@@ -15,24 +15,32 @@ best unimodal model? :meth:`ModalityRanking.check_premise` compares the two and 
 
 >>> ranking.check_premise([0.58, 0.60]).verdict  # the joint model's validation scores, one per run
 'holds'
+
+Its answer is a :class:`PremiseCheck`.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any
 
-from .._checks import as_finite, check_int, check_name
+from .._checks import as_finite, check_int, check_modalities
 from ..coefficients import pdmp_gammas
-from .premise import REPAIR, PremiseCheck, check_premise
 
-__all__ = ["ModalityRanking", "rank_modalities"]
+__all__ = ["ModalityRanking", "PremiseCheck", "rank_modalities"]
+
+REPAIR = "drop or repair that run before ranking"
+_ADVICE = {
+    True: "PDMP is worth trying",
+    False: "PDMP is not expected to help",
+    None: "try PDMP only against a tuned learning rate on a validation split",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class ModalityRanking:
             clear. When it is not empty, :func:`rank_modalities` warned once with the same text (unless
             called with ``warn=False``).
         num_samples: how many samples each modality's scores rest on, ``{modality: {"train": n, "eval": n}}``
-            (training samples per epoch, the fewest over runs, and evaluation samples), as
+            (training samples per epoch, the fewest over runs and epochs, and evaluation samples), as
             :func:`~pdmp_optim.analyze_modalities` counts them: fewer than the data holds when a modality is
             missing for some samples. ``None`` when unknown (:func:`rank_modalities` is given scores only).
     """
@@ -116,9 +124,7 @@ class ModalityRanking:
                 f"agreement={given} does not match run_winners {list(winners)}: {agreement} of the runs rank "
                 f"{order[0]!r} first; pass the output of to_dict()"
             )
-        samples = self.num_samples
-        if samples is not None:
-            samples = _per_modality(samples, "num_samples", order, _sample_count)
+        samples = None if self.num_samples is None else _per_modality(self.num_samples, "num_samples", order, _counts)
         clean = (order, final, early, final_std, early_std, higher, winners, agreement, _strings(self.notes, "notes"))
         for f, value in zip(fields(self), (*clean, samples), strict=True):
             object.__setattr__(self, f.name, value)
@@ -210,7 +216,39 @@ class ModalityRanking:
             ValueError: no joint scores, a NaN or inf score, ``z`` not a finite number >= 0.
             TypeError: a score that is not a number.
         """
-        return check_premise(self, joint, z)
+        z = as_finite(z, "z")
+        if z < 0:
+            raise ValueError(f"z must be >= 0 (a number of standard errors), got {z}")
+        joint = joint.tolist() if hasattr(joint, "tolist") else joint
+        values = joint if isinstance(joint, Sequence) and not isinstance(joint, (str, bytes)) else [joint]
+        if len(values) == 0:
+            raise ValueError("joint needs at least one score of the jointly trained model (one per run)")
+        scores = [as_finite(v, f"joint score (run {i})", REPAIR) for i, v in enumerate(values)]
+        best, n_u, n_j = self.performance_dominant, self.num_runs, len(scores)
+        unimodal, joint_mean = self.final_scores[best], statistics.fmean(scores)
+        shortfall = (1.0 if self.higher_is_better else -1.0) * (unimodal - joint_mean)
+        var_u = self.final_std[best] ** 2 if n_u > 1 else None
+        var_j = statistics.variance(scores) if n_j > 1 else None
+        notes, std_error, holds = [], None, None
+        if var_u is None and var_j is None:
+            notes.append(
+                "one run on each side: nothing to judge the seed-to-seed spread by; "
+                "train the joint and the unimodal models with 3 or more seeds"
+            )
+        else:  # a side with a single run borrows the other side's spread
+            var_u, var_j = (var_j if var_u is None else var_u), (var_u if var_j is None else var_j)
+            std_error = math.sqrt(var_u / n_u + var_j / n_j)  # type: ignore[operator]
+            holds = shortfall > 0 if abs(shortfall) > z * std_error else None
+        if self.optimization_dominant == best:
+            notes.append(
+                f"{best!r} is also optimization-dominant: with this ranking the paper's rule gives every encoder "
+                f"gamma_p (a larger learning rate, not a prioritisation); to prioritise {best!r}, pass "
+                f"dominant={best!r} to PDMPOptimizer without the ranking (every other modality gets 1/gamma_p)"
+            )
+        if not self.confident:
+            notes.append("the ranking itself is not clear-cut: " + "; ".join(self.notes))
+        verdict = {True: "holds", False: "fails", None: "too close to call"}[holds]
+        return PremiseCheck(verdict, holds, shortfall, std_error, best, unimodal, joint_mean, n_u, n_j, z, tuple(notes))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` reverses it.
@@ -218,7 +256,7 @@ class ModalityRanking:
         >>> rank_modalities({"a": 0.6, "v": 0.7}).to_dict()["order"]
         ['v', 'a']
         """
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}  # fresh dicts
+        data = asdict(self)  # fresh dicts
         data.update(order=list(self.order), run_winners=list(self.run_winners), notes=list(self.notes))
         return data
 
@@ -328,17 +366,63 @@ def rank_modalities(
     return ranking
 
 
+# ----------------------------------------------------------------------------- the premise check's answer
+@dataclass(frozen=True)
+class PremiseCheck:
+    """The answer of :meth:`ModalityRanking.check_premise`: does the joint model trail its best unimodal model?
+
+    >>> from pdmp_optim import rank_modalities
+    >>> r = rank_modalities({"a": [[0.5, 0.6], [0.5, 0.62]], "v": [[0.3, 0.80], [0.3, 0.78]]})
+    >>> print(r.check_premise([0.70, 0.72]))  # doctest: +NORMALIZE_WHITESPACE
+    premise holds: the joint model (0.71, 2 runs) trails the best unimodal model 'v' (0.79, 2 runs)
+    by 0.08 ± 0.014 (5.7 standard errors); PDMP is worth trying
+
+    Attributes:
+        verdict: ``"holds"``, ``"fails"`` or ``"too close to call"``.
+        holds: ``True``, ``False``, or ``None`` when too close to call.
+        shortfall: best unimodal mean minus joint mean, in the metric's units (the other way round for
+            losses): positive when the joint model is worse.
+        std_error: the shortfall's standard error, ``None`` when both sides have a single run.
+        best_unimodal: the performance-dominant modality, whose unimodal model is compared.
+        unimodal_score: its mean final score; ``joint_score``: the joint model's mean score.
+        unimodal_runs, joint_runs: how many runs each mean is over.
+        z: the threshold used, in standard errors.
+        notes: what else to know (a single run, nothing for the rule to damp, a doubtful ranking).
+    """
+
+    verdict: str
+    holds: bool | None
+    shortfall: float
+    std_error: float | None
+    best_unimodal: str
+    unimodal_score: float
+    joint_score: float
+    unimodal_runs: int
+    joint_runs: int
+    z: float
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        se = "" if self.std_error is None else f" ± {self.std_error:.2g}"
+        sigmas = f" ({abs(self.shortfall) / self.std_error:.1f} standard errors)" if self.std_error else ""
+        relation = "trails" if self.shortfall >= 0 else "leads"
+        text = (
+            f"premise {self.verdict}: the joint model ({self.joint_score:.4g}, {_runs(self.joint_runs)}) {relation} "
+            f"the best unimodal model {self.best_unimodal!r} ({self.unimodal_score:.4g}, {_runs(self.unimodal_runs)}) "
+            f"by {abs(self.shortfall):.2g}{se}{sigmas}; {_ADVICE[self.holds]}"
+        )
+        return text + "".join(f"\n  note: {n}" for n in self.notes)
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' if n != 1 else ''}"
+
+
 # ------------------------------------------------------------------------------------- reading the scores
 def _histories(scores: Any) -> dict[str, list[list[float]]]:
     """Each modality's runs, each run a list of per-epoch scores; the same number of runs and epochs for all."""
-    if not isinstance(scores, Mapping):
-        raise TypeError(f"scores must be a mapping modality -> scores, got {type(scores).__name__}")
-    if len(scores) < 2:
-        raise ValueError(
-            f"rank_modalities needs scores for at least two modalities, got {list(scores)}; "
-            "with one modality there is nothing to prioritise"
-        )
-    runs = {check_name(name): _as_runs(name, value) for name, value in scores.items()}
+    names = check_modalities(scores, "scores", "a score, a per-epoch history or a list of histories (one per run)")
+    runs = {name: _as_runs(name, scores[name]) for name in names}
     counts = {name: len(r) for name, r in runs.items()}
     if len(set(counts.values())) != 1:
         raise ValueError(f"every modality needs the same number of runs, got {counts}; drop the extra runs")
@@ -398,10 +482,8 @@ def _early_runs(runs: dict[str, list[list[float]]], early: Any, early_epoch: Any
         raise ValueError("pass early= only with single final scores; histories already hold early scores")
     if n_runs != 1:
         raise ValueError("early= takes one score per modality; give per-epoch histories for several runs")
-    if not isinstance(early, Mapping) or set(early) != set(names):
-        shown = list(early) if isinstance(early, Mapping) else type(early).__name__
-        raise ValueError(f"early= must map exactly the modalities {names} to a score, got {shown}")
-    return {name: [as_finite(early[name], f"early score of {name!r}", REPAIR)] for name in names}
+    scores = _per_modality(early, "early", names, partial(as_finite, fix=REPAIR))
+    return {name: [score] for name, score in scores.items()}
 
 
 # ------------------------------------------------------------------------------------------------ ranking
@@ -410,15 +492,14 @@ def _rank(
 ) -> ModalityRanking:
     """Means, spreads, order, run winners and notes of checked runs."""
     final_runs = {name: [history[-1] for history in r] for name, r in runs.items()}
-    final, final_std, run_winners = _mean(final_runs), _spread(final_runs), _winners(final_runs, higher_is_better)
+    (final, final_std), run_winners = _stats(final_runs), _winners(final_runs, higher_is_better)
     order = tuple(sorted(final, key=lambda n: -final[n] if higher_is_better else final[n]))  # stable: ties keep order
     notes = _final_notes(order, final, final_std, run_winners)
-    early, early_std = None, None
+    early = early_std = None
     if early_runs is not None:
-        early, early_std = _mean(early_runs), _spread(early_runs)  # input order: ties for m_o go to the first
+        early, early_std = _stats(early_runs)  # in input order: ties for m_o go to the first
         notes += _early_notes(early_runs, early, higher_is_better)
-    fields_in_order = (order, final, early, final_std, early_std, higher_is_better, run_winners)
-    return ModalityRanking(*fields_in_order, notes=tuple(notes))
+    return ModalityRanking(order, final, early, final_std, early_std, higher_is_better, run_winners, notes=tuple(notes))
 
 
 def _final_notes(
@@ -466,13 +547,10 @@ def _best(scores: Mapping[str, float], higher_is_better: bool) -> str:
     return max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
 
 
-def _mean(per_run: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    return {name: statistics.fmean(values) for name, values in per_run.items()}
-
-
-def _spread(per_run: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    """Sample standard deviation over runs (0.0 for one run)."""
-    return {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in per_run.items()}
+def _stats(per_run: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample standard deviation (0.0 for one run) over runs, per modality."""
+    mean = {name: statistics.fmean(values) for name, values in per_run.items()}
+    return mean, {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in per_run.items()}
 
 
 # ------------------------------------------------------------------------------------ checking the fields
@@ -495,7 +573,7 @@ def _per_modality(
     if not isinstance(value, Mapping):
         raise TypeError(f"{key} must map modality -> value, got {type(value).__name__}")
     if set(value) != set(order):
-        raise ValueError(f"{key} names {list(value)} but order names {list(order)}; give one entry per modality")
+        raise ValueError(f"{key} names {list(value)}, but the modalities are {list(order)}; give one entry each")
     return {name: convert(value[name], f"{key}[{name!r}]") for name in (order if ordered else value)}
 
 
@@ -509,12 +587,8 @@ def _scores(
     return scores
 
 
-def _sample_count(entry: Any, what: str) -> dict[str, int]:
+def _counts(entry: Any, what: str) -> dict[str, int]:
     """One modality's ``{"train": n, "eval": n}`` with ints ``n >= 0``."""
-    if (
-        not isinstance(entry, Mapping)
-        or set(entry) != {"train", "eval"}
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry.values())
-    ):
+    if not isinstance(entry, Mapping) or set(entry) != {"train", "eval"}:
         raise ValueError(f"{what} must be {{'train': n, 'eval': n}} with counts n >= 0, got {entry!r}")
-    return {"train": int(entry["train"]), "eval": int(entry["eval"])}
+    return {key: check_int(entry[key], f"{what}[{key!r}]", minimum=0) for key in ("train", "eval")}

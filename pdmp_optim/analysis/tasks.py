@@ -73,15 +73,10 @@ def mean_average_precision(logits: Tensor, target: Tensor) -> float:
 accuracy.higher_is_better = True  # type: ignore[attr-defined]
 mean_absolute_error.higher_is_better = False  # type: ignore[attr-defined]
 mean_average_precision.higher_is_better = True  # type: ignore[attr-defined]
-DEFAULT_METRIC: dict[str, Metric] = {
-    "classification": accuracy,
-    "regression": mean_absolute_error,
-    "multilabel": mean_average_precision,
-}
-DEFAULT_LOSS: dict[str, Loss] = {
-    "classification": F.cross_entropy,
-    "regression": F.mse_loss,
-    "multilabel": F.binary_cross_entropy_with_logits,
+DEFAULTS: dict[str, tuple[Loss, Metric]] = {  # task -> default loss and metric
+    "classification": (F.cross_entropy, accuracy),
+    "regression": (F.mse_loss, mean_absolute_error),
+    "multilabel": (F.binary_cross_entropy_with_logits, mean_average_precision),
 }
 
 
@@ -89,7 +84,7 @@ def direction(higher_is_better: Any, task: Any, metric: Any) -> bool:
     """Whether a higher metric is better: as given, else the metric's own attribute, else by task."""
     if higher_is_better is not None:
         return bool(higher_is_better)
-    found = getattr(metric if metric is not None else DEFAULT_METRIC.get(task), "higher_is_better", None)
+    found = getattr(metric if metric is not None else DEFAULTS.get(task, (None, None))[1], "higher_is_better", None)
     if isinstance(found, bool):
         return found
     if task not in ("regression", "multilabel"):  # classification, or a bad task that TaskSpec reports
@@ -105,8 +100,8 @@ class TaskSpec:
     """What a task decides: the head's output size, how targets are checked and shaped, the loss and the metric."""
 
     def __init__(self, task: Any, num_classes: Any, loss: Loss | None, metric: Metric | None) -> None:
-        if task not in DEFAULT_LOSS:
-            raise ValueError(f"task must be one of {list(DEFAULT_LOSS)}, got {task!r}")
+        if task not in DEFAULTS:
+            raise ValueError(f"task must be one of {list(DEFAULTS)}, got {task!r}")
         self.task: str = task
         self.num_classes: int | None = None
         if task == "regression":
@@ -119,8 +114,8 @@ class TaskSpec:
             raise TypeError(f"task={task!r} needs num_classes= (the number of {what})")
         else:
             self.num_classes = check_int(num_classes, "num_classes", minimum=2 if task == "classification" else 1)
-        self.loss: Loss = loss if loss is not None else DEFAULT_LOSS[task]
-        self.metric: Metric = metric if metric is not None else DEFAULT_METRIC[task]
+        self.loss: Loss = loss if loss is not None else DEFAULTS[task][0]
+        self.metric: Metric = metric if metric is not None else DEFAULTS[task][1]
         self.target_shape: tuple[int, ...] | None = None  # regression: the target's shape after N, from batch one
 
     @property
@@ -129,9 +124,7 @@ class TaskSpec:
 
     def shape_output(self, out: Tensor) -> Tensor:
         """The head's output shaped like the target (regression) or as it is (logits)."""
-        if self.task == "regression" and self.target_shape is not None:
-            return out.reshape(out.shape[0], *self.target_shape)
-        return out
+        return out.reshape(out.shape[0], *self.target_shape) if self.target_shape is not None else out
 
     def check_target(self, target: Any, at: str) -> Tensor:
         """``target`` as a tensor that fits the task, or a ``ValueError`` naming ``at`` (the batch) and the fix."""
