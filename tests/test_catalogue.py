@@ -99,7 +99,7 @@ REFUSED = {
     **{
         f"pytorch_optimizer.{n}": (ValueError, _PER_GROUP)
         for n in ("adabound", "srmm", "schedulefreeadamw", "schedulefreesgd")
-    },  # fmt: skip
+    },
     "pytorch_optimizer.SafeFP16Optimizer(SGD)": (TypeError, r"SafeFP16Optimizer.*mode"),
     "pytorch_optimizer.SafeFP16Optimizer(AdamW)": (TypeError, r"SafeFP16Optimizer.*mode"),
     **{
