@@ -16,9 +16,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["UNITS", "momentum_to_internal", "momentum_to_standard", "multiply_grads_", "multiply_updates_", "snapshot"]
-
-
 Buckets = Sequence[tuple[float, Sequence[Tensor]]]  # (gamma, the parameters it multiplies)
 UNITS = "pdmp_momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
 

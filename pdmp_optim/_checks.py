@@ -12,10 +12,33 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from functools import wraps
+from typing import Any, TypeVar, cast
 
-__all__ = ["as_finite", "as_number", "check_gamma", "check_gammas", "check_int", "check_modalities", "check_name"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_encoders(fn: _F) -> _F:
+    """Let ``fn(groups, ...)`` take 0.2's keyword ``encoders=`` for ``groups=``, with a ``DeprecationWarning``, until
+    0.4 (the modality -> module mapping has one name across the API, as in ``PDMPOptimizer``)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "encoders" in kwargs:
+            if args or "groups" in kwargs:
+                raise TypeError(f"{fn.__name__}() got both groups and encoders=; pass groups only")
+            warnings.warn(
+                f"{fn.__name__}(encoders=...) is deprecated and will be removed in 0.4: pass groups=..., the "
+                "modality -> encoder mapping, named as in PDMPOptimizer",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs["groups"] = kwargs.pop("encoders")
+        return fn(*args, **kwargs)
+
+    return cast(_F, wrapper)
 
 
 def as_number(value: Any, what: str) -> float:
@@ -82,8 +105,11 @@ def check_name(name: Any) -> str:
     return name
 
 
-def check_gammas(gammas: Any, modalities: Iterable[str] | None = None, what: str = "gammas") -> dict[str, float]:
-    """A ``{modality: coefficient}`` mapping, each coefficient checked, every name among ``modalities``.
+def check_gammas(
+    gammas: Any, modalities: Iterable[str] | None = None, what: str = "gammas", every: bool = False
+) -> dict[str, float]:
+    """A ``{modality: coefficient}`` mapping, each coefficient checked, every name among ``modalities`` (and, with
+    ``every``, every one of them named).
 
     >>> check_gammas({"visual": 15}, ["audio", "visual"])
     {'visual': 15.0}
@@ -95,6 +121,9 @@ def check_gammas(gammas: Any, modalities: Iterable[str] | None = None, what: str
         unknown = [m for m in gammas if m not in known]
         if unknown:
             raise ValueError(f"{what} names {unknown}, which are not among the modalities {known}; fix the names")
+        missing = [m for m in known if m not in gammas] if every else []
+        if missing:
+            raise ValueError(f"{what} has no coefficient for {missing}; give one for every modality {known}")
     return {check_name(m): check_gamma(v, f"{what}[{m!r}]") for m, v in gammas.items()}
 
 

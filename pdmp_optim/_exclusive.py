@@ -25,8 +25,6 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["claim"]
-
 _LIVE: dict[str, weakref.WeakSet[Any]] = {"optimizer": weakref.WeakSet(), "hooks": weakref.WeakSet()}
 _FIX = (
     "PDMPOptimizer and scale_encoder_grads hooks would both scale the gradients of {n} parameters (twice); use one of "

@@ -22,8 +22,6 @@ from torch.optim import Optimizer
 
 from ._checks import check_gammas, check_name
 
-__all__ = ["GAMMA", "SPLIT_KEY", "GroupSpec", "in_live_layout", "modality_of", "split_group"]
-
 GroupSpec = nn.Module | Iterable[Tensor]
 GAMMA = "pdmp_gamma"  # (prefixed: AdaBound, MARS and others keep a "gamma" setting of their own)
 SPLIT_KEY = "pdmp_split"  # [size of the group it was split from, positions of its parameters there]

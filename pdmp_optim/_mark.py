@@ -18,8 +18,6 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ScaleMark"]
-
 
 class ScaleMark:
     """The parameters whose gradients are scaled already; ``clear()`` at ``step()`` and ``zero_grad()``.

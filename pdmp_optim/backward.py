@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_gammas, check_name
+from ._checks import check_gammas, check_name, takes_encoders
 from ._exclusive import claim
 from .ranking import ModalityRanking
 
@@ -74,22 +74,23 @@ class EncoderGradScaling:
     >>> hooks.remove()
 
     Raises:
-        TypeError: ``encoders`` is not a mapping of ``nn.Module``, or ``gammas`` is neither a mapping nor a
+        TypeError: ``groups`` is not a mapping of ``nn.Module``, or ``gammas`` is neither a mapping nor a
             ``ModalityRanking`` (an optimizer, a ``PDMPOptimizer`` included, is refused).
-        ValueError: empty ``encoders``; modality names that differ between ``encoders`` and ``gammas``; a gamma
+        ValueError: empty ``groups``; modality names that differ between ``groups`` and ``gammas``; a gamma
             that is not a finite number > 0; the same module (or one inside another) given twice; an encoder
             without trainable parameters.
     """
 
-    def __init__(self, encoders: Mapping[str, nn.Module], gammas: Gammas) -> None:
+    @takes_encoders
+    def __init__(self, groups: Mapping[str, nn.Module], gammas: Gammas) -> None:
         fixed = _gammas_of(gammas)
-        _check_encoders(encoders, fixed)
+        _check_groups(groups, fixed)
         self._gammas = fixed
         self._warned_upstream = False
-        self._params = {p for encoder in encoders.values() for p in encoder.parameters() if p.requires_grad}
+        self._params = {p for encoder in groups.values() for p in encoder.parameters() if p.requires_grad}
         self._handles: list[RemovableHandle] = []
         claim(self, "hooks")
-        self._handles = [encoder.register_forward_hook(self._forward_hook(m)) for m, encoder in encoders.items()]
+        self._handles = [encoder.register_forward_hook(self._forward_hook(m)) for m, encoder in groups.items()]
 
     def scaled_params(self) -> set[Tensor]:
         """The trainable parameters of the hooked encoders (their gradients are scaled)."""
@@ -102,11 +103,7 @@ class EncoderGradScaling:
 
     @gammas.setter
     def gammas(self, value: Mapping[str, float]) -> None:
-        new = check_gammas(value, self._gammas)
-        missing = [m for m in self._gammas if m not in new]
-        if missing:
-            raise ValueError(f"gammas has no coefficient for {missing}; give one for every modality")
-        self._gammas = new
+        self._gammas = check_gammas(value, self._gammas, every=True)
 
     @property
     def active(self) -> bool:
@@ -151,18 +148,19 @@ class EncoderGradScaling:
         return hook
 
 
-def scale_encoder_grads(encoders: Mapping[str, nn.Module], gammas: Gammas) -> EncoderGradScaling:
+@takes_encoders
+def scale_encoder_grads(groups: Mapping[str, nn.Module], gammas: Gammas) -> EncoderGradScaling:
     """Multiply the gradient flowing out of each modality's encoder by its gamma, during backward.
 
-    A forward hook on ``encoders[m]`` registers, on every tensor the encoder returns (a tensor, or a
+    A forward hook on ``groups[m]`` registers, on every tensor the encoder returns (a tensor, or a
     tuple/list/dict of them, nested), a gradient hook that multiplies it by ``gammas[m]``. The parameter
     gradients that reach the optimizer are then the ones ``PDMPOptimizer(mode="grad")`` would produce (see the
     module docstring for exactly when), at the cost of one multiply of a batch x features tensor per encoder
     instead of one pass over all its parameters.
 
     Args:
-        encoders: modality name -> the module whose output is that modality's representation (the last
-            module before fusion).
+        groups: modality name -> the module whose output is that modality's representation (the last module
+            before fusion), as ``groups=`` of ``PDMPOptimizer`` (``encoders=``, 0.2's name, works until 0.4).
         gammas: modality -> coefficient (finite, > 0), e.g. ``ranking.gammas(gamma_p=15)``; a
             :class:`~pdmp_optim.ModalityRanking` (its ``gammas()``). Every encoder needs a coefficient and every
             coefficient an encoder.
@@ -177,7 +175,7 @@ def scale_encoder_grads(encoders: Mapping[str, nn.Module], gammas: Gammas) -> En
     >>> enc["audio"].bias.grad, enc["visual"].bias.grad, hooks.active
     (tensor([0.5000, 0.5000]), tensor([4., 4.]), False)
     """
-    return EncoderGradScaling(encoders, gammas)
+    return EncoderGradScaling(groups, gammas)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -198,30 +196,30 @@ def _gammas_of(gammas: Any) -> dict[str, float]:
     return check_gammas(gammas)
 
 
-def _check_encoders(encoders: Any, gammas: Mapping[str, float]) -> None:
+def _check_groups(encoders: Any, gammas: Mapping[str, float]) -> None:
     if not isinstance(encoders, Mapping):
         raise TypeError(
-            f"encoders must map a modality name to its encoder nn.Module, got {type(encoders).__name__}; "
+            f"groups must map a modality name to its encoder nn.Module, got {type(encoders).__name__}; "
             "e.g. {'audio': model.audio_encoder, 'visual': model.visual_encoder}"
         )
     if not encoders:
-        raise ValueError("encoders is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
+        raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
     for modality, encoder in encoders.items():
         check_name(modality)
         if not isinstance(encoder, nn.Module):
             raise TypeError(
-                f"encoders[{modality!r}] must be an nn.Module (hooks attach to modules), got "
+                f"groups[{modality!r}] must be an nn.Module (hooks attach to modules), got "
                 f"{type(encoder).__name__}; for a list of parameters use PDMPOptimizer's 'grad' mode"
             )
         if not _trains_something(encoder):
             raise ValueError(
-                f"encoders[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "
+                f"groups[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "
                 "module that holds the modality's trainable encoder"
             )
     missing, extra = [m for m in encoders if m not in gammas], [m for m in gammas if m not in encoders]
     if missing or extra:
         raise ValueError(
-            f"encoders and gammas must name the same modalities: no gamma for {missing}, no encoder for {extra}; "
+            f"groups and gammas must name the same modalities: no gamma for {missing}, no encoder for {extra}; "
             "give every encoder a coefficient and every coefficient an encoder"
         )
     _check_disjoint(encoders)
@@ -244,7 +242,7 @@ def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
             if other != modality:
                 what = f"parameter of shape {tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
                 raise ValueError(
-                    f"encoders[{other!r}] and encoders[{modality!r}] share a {what}; each modality needs its own "
+                    f"groups[{other!r}] and groups[{modality!r}] share a {what}; each modality needs its own "
                     "encoder, else its gradients are scaled twice"
                 )
 

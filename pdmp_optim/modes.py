@@ -74,14 +74,13 @@ def driven_optimizer(optimizer: Optimizer) -> Optimizer:
     >>> driven_optimizer(sgd) is sgd
     True
     """
-    seen = set()
-    while _is_linear_wrapper(optimizer) and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        inner = next((v for a in ("_base_optimizer", "optimizer", "optim") if isinstance(v := getattr(optimizer, a,
-                      None), Optimizer)), None)  # fmt: skip
-        if inner is None:
+    zero = getattr(getattr(torch.distributed, "optim", None), "ZeroRedundancyOptimizer", ())
+    for _ in range(8):  # (a wrapper of a wrapper; never round in a cycle)
+        found = (getattr(optimizer, a, None) for a in ("_base_optimizer", "optimizer", "optim"))
+        inner = [v for v in found if isinstance(v, Optimizer)]
+        if not inner or not (type(optimizer).__name__ == "Lookahead" or isinstance(optimizer, zero)):
             break
-        optimizer = inner
+        optimizer = inner[0]
     return optimizer
 
 
@@ -163,11 +162,6 @@ def _qualified(cls: type) -> tuple[str, str]:
     if getattr(torch.optim, cls.__name__, None) is cls:
         return "torch", cls.__name__
     return cls.__module__.partition(".")[0], cls.__name__
-
-
-def _is_linear_wrapper(optimizer: Optimizer) -> bool:
-    zero = getattr(getattr(torch.distributed, "optim", None), "ZeroRedundancyOptimizer", None)
-    return type(optimizer).__name__ == "Lookahead" or (zero is not None and isinstance(optimizer, zero))
 
 
 def _warn(message: str) -> None:

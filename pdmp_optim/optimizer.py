@@ -44,6 +44,19 @@ _HOOK_DICTS = (
 )
 
 
+class _Inner:
+    """An attribute of the wrapped optimizer, read and written through the wrapper: the very same object."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._optimizer, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj._optimizer, self.name, value)
+
+
 class PDMPOptimizer(Optimizer):
     """Wrap ``optimizer`` so that each modality's update is multiplied by its PDMP coefficient.
 
@@ -124,32 +137,9 @@ class PDMPOptimizer(Optimizer):
         """The wrapped optimizer."""
         return self._optimizer
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The inner optimizer's own param groups, one modality each."""
-        return self._optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The inner optimizer's own per-parameter state."""
-        return self._optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's defaults."""
-        return self._optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self._optimizer.defaults = value
+    param_groups = _Inner()  # type: ignore[assignment]  # the inner optimizer's own list, one modality per group
+    state = _Inner()  # type: ignore[assignment]  # the inner optimizer's own per-parameter state
+    defaults = _Inner()  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
         """Public attributes of the inner optimizer that the wrapper lacks (``train()``/``eval()`` of schedule-free)."""
@@ -180,10 +170,7 @@ class PDMPOptimizer(Optimizer):
 
     @gammas.setter
     def gammas(self, value: Mapping[str, float]) -> None:
-        new = check_gammas(value, self._gammas)
-        missing = [m for m in self._gammas if m not in new]
-        if missing:
-            raise ValueError(f"gammas has no coefficient for {missing}; give one for every modality {list(new)}")
+        new = check_gammas(value, self._gammas, every=True)
         self._adopt()
         self._gammas = new
         for group in self.param_groups:

@@ -19,8 +19,6 @@ tensor([0.8000, 0.8000, 0.8000])
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -99,10 +97,7 @@ class PDMPReference(Optimizer):
             return loss
         loss = None if closure is None else _with_grad(closure)
         if self.mode == "grad":
-            with torch.no_grad():
-                for p, _, gamma in self.params():
-                    if p.grad is not None and gamma != 1.0 and p not in self.mark.params:
-                        p.grad.mul_(gamma)
+            self.scale_grads_()  # (what is not scaled yet)
             self.optimizer.step()
         else:
             for modality in [*dict.fromkeys(m for _, m, _ in self.params() if m is not None), None]:
@@ -124,8 +119,9 @@ class PDMPReference(Optimizer):
                 group["lr"] = group["lr"] * gamma
                 if compensates_decay(self.optimizer, group):
                     group["weight_decay"] = group["weight_decay"] / gamma
-            with _momentum_scaled(self.state, mine, 1 / gamma if sgd else 1.0):
-                self.optimizer.step()
+            _scale_momentum(self.state, mine, 1 / gamma if sgd else 1.0)
+            self.optimizer.step()
+            _scale_momentum(self.state, mine, gamma if sgd else 1.0)
         finally:
             for p, grad in hidden.items():
                 p.grad = grad
@@ -153,11 +149,7 @@ class PDMPReference(Optimizer):
         return {k: v for k, v in self.__dict__.items() if k in ("optimizer", "mode", "modality", "gammas")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, mark=ScaleMark())
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
-                     "load_state_dict_post"):  # fmt: skip
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-        self._patch_step_function()
+        super().__setstate__({**state, "mark": ScaleMark()})  # (torch's: empty hook registries, the hooked step)
 
 
 def _with_grad(closure: Callable[[], Any]) -> Any:
@@ -165,13 +157,8 @@ def _with_grad(closure: Callable[[], Any]) -> Any:
         return closure()
 
 
-@contextlib.contextmanager
-def _momentum_scaled(state: Any, params: list[Tensor], factor: float) -> Iterator[None]:
-    """SGD's momentum buffers of ``params`` multiplied by ``factor`` for the block, and divided back after it."""
-    for p in params:
-        if factor != 1.0 and state.get(p, {}).get("momentum_buffer") is not None:
+def _scale_momentum(state: Any, params: list[Tensor], factor: float) -> None:
+    """Multiply SGD's momentum buffers of ``params`` by ``factor``."""
+    for p in params if factor != 1.0 else ():
+        if state.get(p, {}).get("momentum_buffer") is not None:
             state[p]["momentum_buffer"] = state[p]["momentum_buffer"] * factor
-    yield
-    for p in params:
-        if factor != 1.0 and state.get(p, {}).get("momentum_buffer") is not None:
-            state[p]["momentum_buffer"] = state[p]["momentum_buffer"] / factor

@@ -496,9 +496,9 @@ def test_hooks_and_a_pdmp_optimizer_never_both_scale_a_gradient(setup) -> None:
 def test_invalid_input_fails_with_a_message_naming_the_fix() -> None:
     a, v = nn.Linear(2, 2), nn.Linear(2, 2)
     g = {"audio": 2.0, "visual": 0.5}
-    with pytest.raises(TypeError, match="encoders must map"):
+    with pytest.raises(TypeError, match="groups must map"):
         scale_encoder_grads([a, v], g)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="encoders is empty"):
+    with pytest.raises(ValueError, match="groups is empty"):
         scale_encoder_grads({}, g)
     with pytest.raises(TypeError, match=r"must be an nn\.Module"):
         scale_encoder_grads({"audio": list(a.parameters())}, {"audio": 2.0})  # type: ignore[dict-item]
@@ -515,7 +515,7 @@ def test_invalid_input_fails_with_a_message_naming_the_fix() -> None:
         scale_encoder_grads({"audio": a}, {"audio": True})
     with pytest.raises(TypeError, match="gammas must map modality -> coefficient, or be a ModalityRanking"):
         scale_encoder_grads({"audio": a}, [2.0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"encoders\['audio'\] and encoders\['visual'\] share a Linear"):
+    with pytest.raises(ValueError, match=r"groups\['audio'\] and groups\['visual'\] share a Linear"):
         scale_encoder_grads({"audio": a, "visual": a}, g)
     with pytest.raises(ValueError, match="share a Linear; each modality needs its own encoder"):
         scale_encoder_grads({"audio": nn.Sequential(a, nn.ReLU()), "visual": a}, g)

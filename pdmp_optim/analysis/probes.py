@@ -13,15 +13,15 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from functools import partial, wraps
+from functools import partial
 from time import monotonic
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 
-from .._checks import check_int, check_modalities
+from .._checks import check_int, check_modalities, takes_encoders
 from .ranking import ModalityRanking, check_early_epoch, rank_modalities
 from .tasks import Loss, Metric, Task, TaskSpec, direction
 
@@ -30,30 +30,9 @@ __all__ = ["analyze_modalities", "unimodal_histories"]
 OptimizerFactory = Callable[[list[Tensor]], Optimizer]
 Features = Callable[[Any], Tensor]
 BatchFn = Callable[[Any], Any]
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _accepts_encoders(fn: _F) -> _F:
-    """Take 0.2's keyword ``encoders=`` for ``groups=``, with a ``DeprecationWarning``, until 0.4."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if "encoders" in kwargs:
-            if args or "groups" in kwargs:
-                raise TypeError(f"{fn.__name__}() got both groups and encoders=; pass groups only")
-            warnings.warn(
-                f"{fn.__name__}(encoders=...) is deprecated and will be removed in 0.4: pass groups=..., the "
-                "modality -> encoder mapping, named as in PDMPOptimizer",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            kwargs["groups"] = kwargs.pop("encoders")
-        return fn(*args, **kwargs)
-
-    return cast(_F, wrapper)
-
-
-@_accepts_encoders
+@takes_encoders
 def analyze_modalities(
     groups: Mapping[str, nn.Module],
     train_batches: Iterable[Any],
@@ -181,7 +160,7 @@ def analyze_modalities(
     return ranking
 
 
-@_accepts_encoders
+@takes_encoders
 def unimodal_histories(
     groups: Mapping[str, nn.Module],
     train_batches: Iterable[Any],
