@@ -16,7 +16,7 @@ from .coefficients import pdmp_gammas
 from .optimizer import PDMPOptimizer
 from .ranking import ModalityRanking, rank_modalities
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ModalityRanking",
