@@ -122,31 +122,24 @@ def in_live_layout(
 
 
 def _saved_in_live_layout(saved: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The param groups of a checkpoint saved without PDMP (before any split) in the layout of the ``live`` groups,
-    with their PDMP keys, or ``None`` when the checkpoint has other groups than those the live ones were split from.
-    """
-    if len(saved) == len(live):  # one saved group per live one: nothing was split, 0.2.0 saved the parts, or DCP
-        out: list[dict[str, Any]] = []  # spread a plain group over them, its settings in one part only
-        rest = iter(saved)
-        for parts in _by_origin(live):
-            olds = [next(rest) for _ in parts]
-            settings = {k: v for old in olds for k, v in old.items() if k not in ("params", "param_names")}
-            for part, old in zip(parts, olds, strict=True):
-                out.append({**settings, **old, **{k: part[k] for k in _TAGS if k in part}})
-        return out
+    """The param groups of a checkpoint saved without PDMP in the layout of the ``live`` groups, with their PDMP keys:
+    saved before the split (one group per group the live ones came from: each part takes its positions), or one
+    per live group (nothing was split, 0.2.0 saved the parts, or DCP spread a plain group over them with its settings
+    in one part only: each part takes what it lacks from its siblings); ``None`` for any other layout."""
     originals = _by_origin(live)
-    if len(originals) != len(saved):
+    whole = len(saved) == len(originals)
+    if not whole and len(saved) != len(live):
         return None
-    out = []
-    for parts, old in zip(originals, saved, strict=True):
-        if len(parts) > 1 and parts[0][SPLIT_KEY][0] != len(old["params"]):
-            return None
-        for part in parts:
-            positions = part[SPLIT_KEY][1] if len(parts) > 1 else range(len(old["params"]))
-            new = {**old, **{k: part[k] for k in _TAGS if k in part}}
-            for key in ("params", "param_names"):
-                if key in old:
-                    new[key] = [old[key][i] for i in positions]
+    out, rest = [], iter(saved)
+    for parts in originals:
+        olds = [next(rest)] * len(parts) if whole else [next(rest) for _ in parts]
+        settings = {k: v for old in olds for k, v in old.items() if k not in ("params", "param_names")}
+        for part, old in zip(parts, olds, strict=True):
+            new = {**settings, **old, **{k: part[k] for k in _TAGS if k in part}}
+            if whole and len(parts) > 1:
+                if part[SPLIT_KEY][0] != len(old["params"]):
+                    return None
+                new.update({k: [old[k][i] for i in part[SPLIT_KEY][1]] for k in ("params", "param_names") if k in old})
             out.append(new)
     return out
 

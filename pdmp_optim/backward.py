@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -119,9 +118,7 @@ class EncoderGradScaling:
     def __enter__(self) -> EncoderGradScaling:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
     def __repr__(self) -> str:

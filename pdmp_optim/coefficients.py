@@ -124,14 +124,10 @@ def resolve_gammas(
         raise ValueError(f"no coefficient for {missing}; pass dominant= (or ranking=), or gammas for every modality")
     same = set(resolved.values())
     if len(modalities) > 1 and len(same) == 1 and same != {1.0}:
-        warnings.warn(
-            f"every modality gets gamma={same.pop():g} (as Eq. 12 gives when the performance-dominant modality is "
-            "also the optimization-dominant one), so no modality is prioritised: this multiplies every encoder's "
-            "update alike, a common learning-rate multiplier for the encoders; compare against vanilla training with "
-            "a tuned learning rate",
-            UserWarning,
-            stacklevel=3,
-        )
+        warnings.warn(f"every modality gets gamma={same.pop():g} (Eq. 12 when the performance-dominant modality "
+                      "is also the optimization-dominant one), so no modality is prioritised: a common learning-rate "
+                      "multiplier for the encoders; compare against vanilla training with a tuned learning rate",
+                      UserWarning, stacklevel=3)  # fmt: skip
     return {m: resolved[m] for m in modalities}
 
 

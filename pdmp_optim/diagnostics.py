@@ -108,8 +108,7 @@ def modality_grad_norms(opt: PDMPOptimizer, include_shared: bool = False) -> dic
         raise TypeError(
             f"modality_grad_norms needs a PDMPOptimizer (it reads the modality groups), got {type(opt).__name__}"
         )
-    groups = opt.params_by_modality().items()
-    return {modality: _total_norm(params) for modality, params in groups if modality is not None or include_shared}
+    return {m: _total_norm(params) for m, params in opt.params_by_modality().items() if m is not None or include_shared}
 
 
 @torch.no_grad()
@@ -124,14 +123,12 @@ def _total_norm(params: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    partial: list[Tensor] = []
     for g in grads:
-        if g.layout == torch.strided:
-            buckets.setdefault((g.device, g.dtype), []).append(g)
-        else:
-            values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
-            partial.append(torch.linalg.vector_norm(values))
+        if g.layout != torch.strided:  # a sparse gradient counts with its values
+            g = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    norms: list[Tensor] = []
     for (device, _), tensors in buckets.items():
         foreach = device.type in ("cpu", "cuda")  # a _foreach_norm kernel in every supported torch; others: one by one
-        partial.extend(torch._foreach_norm(tensors) if foreach else [torch.linalg.vector_norm(t) for t in tensors])
-    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in partial]))
+        norms.extend(torch._foreach_norm(tensors) if foreach else [torch.linalg.vector_norm(t) for t in tensors])
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, overload
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,14 +34,8 @@ from .modes import Mode, compensates_decay, resolve_mode
 
 __all__ = ["PDMPOptimizer"]
 
-_HOOK_DICTS = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
+_HOOK_DICTS = tuple(f"_optimizer_{kind}_hooks" for kind in ("step_pre", "step_post", "state_dict_pre",
+                    "state_dict_post", "load_state_dict_pre", "load_state_dict_post"))  # fmt: skip
 
 
 class _Inner:
@@ -54,7 +48,13 @@ class _Inner:
         return self if obj is None else getattr(obj._optimizer, self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
+        old = getattr(obj._optimizer, self.name)
         setattr(obj._optimizer, self.name, value)
+        try:
+            obj._adopt()  # param groups assigned through the wrapper are checked at once
+        except (TypeError, ValueError):
+            setattr(obj._optimizer, self.name, old)
+            raise
 
 
 class PDMPOptimizer(Optimizer):
@@ -166,7 +166,8 @@ class PDMPOptimizer(Optimizer):
         >>> opt.gammas["audio"]
         1.0
         """
-        return _Gammas({m: self._gamma(m) for m in self._gammas})
+        self._adopt()
+        return _Gammas(self._gammas)
 
     @gammas.setter
     def gammas(self, value: Mapping[str, float]) -> None:
@@ -207,12 +208,8 @@ class PDMPOptimizer(Optimizer):
                 f"{'learning rate' if self._mode == 'lr' else 'update'}, so the gradients stay as backward left them "
                 "(clip them as usual), or build PDMPOptimizer with mode='grad'"
             )
+        self._adopt()
         self._mark.add(self._scale_grads())
-
-    @overload
-    def step(self, closure: None = None) -> None: ...
-    @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Apply each group's gamma (unless :meth:`scale_grads_` already did), then the inner optimizer's step.
@@ -313,7 +310,7 @@ class PDMPOptimizer(Optimizer):
     def __repr__(self) -> str:
         lines = [f"PDMPOptimizer(mode={self._mode!r} ({self._mode_reason})"]
         for modality, params in self.params_by_modality().items():
-            label = "unscaled (shared)" if modality is None else f"{modality}: gamma={self._gamma(modality):.6g}"
+            label = "unscaled (shared)" if modality is None else f"{modality}: gamma={self._gammas[modality]:.6g}"
             lines.append(f"  {label}, {len(params)} tensors, {sum(p.numel() for p in params):,} parameters")
         inner = "\n".join("  " + line for line in repr(self._optimizer).splitlines())
         return "\n".join(lines) + "\n" + inner + "\n)"
@@ -327,19 +324,22 @@ class PDMPOptimizer(Optimizer):
 
     def _adopt(self) -> None:
         """Tag each group that arrived without PDMP's keys (added, reassigned, loaded from a plain checkpoint) from
-        ``groups``, split per modality; the step reads nothing else. Checked in full before anything changes."""
+        ``groups``, split per modality; the step reads nothing else. Checked in full before anything changes. The
+        coefficients the groups hold (a loaded checkpoint's) are those new groups of their modality get."""
         groups = self.param_groups
+        for group in groups:
+            if group.get("modality") in self._gammas and GAMMA in group:
+                self._gammas[group["modality"]] = group[GAMMA]
         pending = [(i, split_group(g, [self._modality_in(g, p) for p in g["params"]])) for i, g in enumerate(groups)
                    if GAMMA not in g]  # fmt: skip
-        for _, parts in pending:
-            if len(parts) > 1:
-                self._check_splittable()
+        for index, parts in pending:
+            self._check_splittable(groups[index], len(parts) > 1)
         for index, parts in reversed(pending):
             for modality, part in parts:
-                part.update({"modality": modality, GAMMA: self._gamma(modality)})
+                part.update({"modality": modality, GAMMA: self._gammas.get(modality, 1.0)})  # type: ignore[arg-type]
             groups[index : index + 1] = [part for _, part in parts]
 
-    def _check_splittable(self) -> None:
+    def _check_splittable(self, group: dict[str, Any], split: bool) -> None:
         inner, count = self._optimizer, len(self.param_groups)
         per_group = [
             k for k, v in vars(inner).items() if isinstance(v, list) and len(v) == count and v is not inner.param_groups
@@ -353,8 +353,14 @@ class PDMPOptimizer(Optimizer):
             )
         elif why:
             why += "; build it with one param group per modality"
-        if why:
+        if why and split:
             raise ValueError(f"a param group mixes modalities, so PDMP must split it (one per modality), but {why}")
+        if self._sgd_units and any(self.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
+            raise ValueError(
+                "in SGD 'lr' mode PDMP keeps the momentum in 1/gamma units, and a param group without PDMP's keys "
+                "does not say in which units its momentum is; assign groups taken from opt.param_groups, load "
+                "checkpoints with opt.load_state_dict(...), or use mode='grad'"
+            )
 
     def _modality_in(self, group: dict[str, Any], p: Tensor) -> str | None:
         tag, modality = group.get("modality"), self._modality_of.get(p)
@@ -366,13 +372,6 @@ class PDMPOptimizer(Optimizer):
                 f"{tuple(p.shape)} to {modality!r}; drop the tag or fix it"
             )
         return modality if tag is None else tag
-
-    def _gamma(self, modality: str | None) -> float:
-        """The modality's coefficient as its groups hold it (a loaded checkpoint's), else the one it was given."""
-        if modality is None:
-            return 1.0
-        held = (g[GAMMA] for g in self.param_groups if g.get("modality") == modality and GAMMA in g)
-        return next(held, self._gammas[modality])
 
     def _buckets(self, with_grad: bool = True) -> list[tuple[float, list[Tensor]]]:
         """``(gamma, parameters)`` of the scaled groups, each parameter once, less those :meth:`scale_grads_` did."""

@@ -95,7 +95,8 @@ class PDMPReference(Optimizer):
                     if gamma != 1.0:
                         p.copy_(before[p] + gamma * (p - before[p]))
             return loss
-        loss = None if closure is None else _with_grad(closure)
+        with torch.enable_grad():
+            loss = None if closure is None else closure()
         if self.mode == "grad":
             self.scale_grads_()  # (what is not scaled yet)
             self.optimizer.step()
@@ -150,11 +151,6 @@ class PDMPReference(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__({**state, "mark": ScaleMark()})  # (torch's: empty hook registries, the hooked step)
-
-
-def _with_grad(closure: Callable[[], Any]) -> Any:
-    with torch.enable_grad():
-        return closure()
 
 
 def _scale_momentum(state: Any, params: list[Tensor], factor: float) -> None:

@@ -329,7 +329,7 @@ INCONSISTENT = [
     ("final_std names", {"final_std": {"v": 0.1, "t": 0.1}}, ValueError, r"final_std names"),
     ("early_std names", {"early_std": {"v": 0.0}}, ValueError, r"early_std names"),
     ("early_std alone", {"early_scores": None}, ValueError, r"early_std is given but early_scores is not"),
-    ("negative std", {"final_std": {"v": -0.1, "a": 0.1}}, ValueError, r"final_std must be >= 0"),
+    ("negative std", {"final_std": {"v": -0.1, "a": 0.1}}, ValueError, r"final_std\['v'\] must be >= 0"),
     ("nan score", {"final_scores": {"v": math.nan, "a": 0.7}}, ValueError, r"final_scores\['v'\] is nan"),
     ("text score", {"final_scores": {"v": "0.8", "a": 0.7}}, TypeError, r"final_scores\['v'\] must be a number"),
     ("scores not a dict", {"early_scores": [0.5, 0.3]}, TypeError, r"early_scores must map modality"),

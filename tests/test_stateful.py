@@ -1,27 +1,29 @@
 """Stateful test: a PDMPOptimizer and its obviously-right twin trained side by side through every seam of a loop.
 
 Two identical :class:`~_helpers.TwoModal` models (with two extra audio layers, frozen and outside the optimizer
-until a rule adds them with ``add_param_group(..., "modality": "audio")``) are trained together: one through
-:class:`~pdmp_optim.PDMPOptimizer`, one through :class:`~pdmp_optim.reference.PDMPReference`, which keeps the groups
-as the user built them and applies each mode by its definition, one tensor at a time. Both get the same calls.
+until a rule unfreezes one and adds it with ``add_param_group({..., "modality": "audio"})``) are trained together:
+one through :class:`~pdmp_optim.PDMPOptimizer`, one through :class:`~pdmp_optim.reference.PDMPReference`, which
+keeps the groups as the user built them and applies each mode by its definition, one tensor at a time. Both get the
+same calls. Four machines: SGD (momentum, weight decay) in grad mode and in lr mode, AdamW in lr mode (auto) and in
+update mode; each draws the user's layout (one group, one with the modalities interleaved, one group per module).
 
 Hypothesis interleaves backward passes (accumulating or not), steps (plain, and with a closure that may call
 ``scale_grads_()`` itself), ``zero_grad`` (both ``set_to_none`` values, through the optimizer and through the model),
-``scale_grads_()`` with and without clipping, out-of-place gradient edits, whole ``GradScaler`` iterations (micro
-batches, maybe an inf, ``scale_grads_()`` before or after the unscale, clipping), scheduler steps, checkpoints (the
-wrapper's and the inner optimizer's state dicts, loaded in place or through ``torch.save``/``torch.load(
-weights_only=True)`` into freshly built models, optimizers and schedulers; each side saves and loads its own format),
-deepcopy/pickle/``torch.save`` of model, optimizer and scheduler together, ``add_param_group`` on the wrapper or on the
-inner optimizer, ``param_groups`` reassigned (copies of the groups, or fresh groups in the user's layout) and
-coefficient changes. After every rule, per parameter (not by group layout): the values, gradients,
-``standard_state``, the settings its group holds (lr, weight decay, ...), its group's modality and gamma, and the
+``scale_grads_()`` with and without clipping and with out-of-place gradient edits after it, whole plain and
+``GradScaler`` iterations (micro-batches, maybe an inf, ``scale_grads_()`` before or after the unscale, clipping),
+scheduler steps, checkpoints (the wrapper's and the inner optimizer's state dicts, loaded in place or through
+``torch.save``/``torch.load(weights_only=True)`` into freshly built models, optimizers and schedulers; each side saves
+and loads its own format), deepcopy/pickle/``torch.save`` of the whole training state, ``add_param_group`` on the
+wrapper or on the inner optimizer, ``param_groups`` reassigned (copies of the groups, or fresh groups in the user's
+layout) and gamma changes. After every rule, per parameter (not by group layout): the values, gradients,
+``standard_state``, the settings its group holds (lr, weight decay, ...) and its group's modality and gamma, and the
 gammas, scheduler position and loss scale must agree: bit for bit in grad mode and AdamW's lr mode, to a measured
 tolerance in SGD's lr mode and in update mode (whose references round differently).
 
-What the machine models on its own (not from either optimizer): which gradients ``scale_grads_()`` marked, so that
-a backward adding to marked non-zero gradients must raise, a copy between ``scale_grads_()`` and ``step()`` must
-raise, a step ``GradScaler`` skips must change nothing and keep the mark, and ``scale_grads_()`` must raise outside
-grad mode.
+What the machine models on its own, not from either optimizer: which gradients ``scale_grads_()`` marked, so that a
+backward adding to marked non-zero gradients must raise, a copy between ``scale_grads_()`` and ``step()`` must raise,
+a step ``GradScaler`` skips must change nothing and keep the mark, and ``scale_grads_()`` must raise outside grad mode.
+The shortest failing sequences found are replayed as plain tests at the end, with the core bugs found (xfail).
 """
 
 from __future__ import annotations
@@ -180,15 +182,6 @@ class TwinMachine(RuleBasedStateMachine):
             (opt if via == "wrapper" else opt.optimizer).add_param_group(built(model, spec))
         return Run(model, opt, make_scheduler(opt), make_scaler())
 
-    def _around_core_bugs(self, before: str) -> None:
-        """Calls a user would not need, that keep the machine off the core bugs the xfail tests at the end of this
-        file show (remove each with its fix)."""
-        opt = self.fast.opt
-        if before == "scale_grads_" and any(GAMMA not in g for g in opt.param_groups):
-            opt.params_by_modality()  # test_scale_grads_tags_the_groups_that_arrived_untagged
-        if before == "reassign":
-            opt.gammas = dict(opt.gammas)  # test_reassigned_groups_keep_the_gammas_a_checkpoint_restored
-
     @property
     def runs(self) -> tuple[Run, Run]:
         return self.fast, self.ref
@@ -263,8 +256,8 @@ class TwinMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.poisoned and self.steps_on_grads == 0 and self.backwards < MAX_ACCUMULATION)
     @rule(scale_first=st.booleans())
     def backward(self, scale_first: bool) -> None:
-        """Forward and backward a new batch, accumulating into the gradients there (a micro-batch); ``scale_first``
-        calls ``scale_grads_()`` before it, too early (accumulation is not over): refused if scaled gradients are there."""
+        """Forward and backward a new batch, accumulating into the gradients there (a micro-batch). ``scale_first``
+        calls ``scale_grads_()`` before it, too early (accumulation not over): refused if scaled gradients are there."""
         if scale_first:
             self._scale_grads()
         if self._backward():
@@ -355,7 +348,6 @@ class TwinMachine(RuleBasedStateMachine):
             modality = modality_of(name)
             if p.grad is not None and modality is not None and self.gammas[modality] != 1.0:
                 self.marked.add(name)
-        self._around_core_bugs("scale_grads_")
         for run in self.runs:
             run.opt.scale_grads_()
 
@@ -476,7 +468,7 @@ class TwinMachine(RuleBasedStateMachine):
         assert [len(g["params"]) for g in saved] == [len(g["params"]) for g in live]
         for old, group in zip(saved, live, strict=True):
             assert GAMMA in group, "state_dict() left a group untagged"
-            assert old.get(UNITS, 1.0) == 1.0
+            assert old.get(UNITS, 1.0) == 1.0, f"state_dict() saved momentum in units {old[UNITS]}, not standard"
             assert {k: v for k, v in old.items() if k not in ("params", UNITS)} == {
                 k: v for k, v in group.items() if k not in ("params", UNITS)
             }
@@ -522,15 +514,20 @@ class TwinMachine(RuleBasedStateMachine):
     @rule(how=st.sampled_from(["copies", "fresh"]), via=st.sampled_from(["wrapper", "inner"]))
     def reassign_param_groups(self, how: str, via: str) -> None:
         """``opt.param_groups = [...]``: copies of the groups there, or fresh groups in the user's layout (the
-        reference's groups, without the scheduler's ``initial_lr``), tagged and split again at the next entry point."""
+        reference's groups, without the scheduler's ``initial_lr``), tagged and split again at the next entry point
+        (or at once, through the wrapper). In SGD lr mode fresh groups over momentum buffers are refused: they do not
+        say in which units the momentum is."""
         layout = [
             {"names": self._names(self.ref, g), **{k: v for k, v in g.items() if k not in ("params", "initial_lr")}}
             for g in self.ref.opt.param_groups
         ]
-        if how == "fresh":
-            if self.OPT == "SGD" and self.MODE == "lr":
-                return  # core bug (test_reassigned_groups_keep_sgd_lr_mode_momentum): remove with its fix
-            self._around_core_bugs("reassign")
+        fast = self.fast.opt
+        momentum = any(state.get("momentum_buffer") is not None for state in fast.state.values())
+        if how == "fresh" and self.OPT == "SGD" and self.MODE == "lr" and momentum:
+            fresh = [built(self.fast.model, s) for s in layout]
+            with pytest.raises(ValueError, match="does not say in which units its momentum is"):
+                fast.param_groups = fresh
+            return
         for run in self.runs:
             groups = (
                 [dict(g) for g in run.opt.param_groups] if how == "copies" else [built(run.model, s) for s in layout]
@@ -593,6 +590,7 @@ TestAdamWUpdate.settings = _settings(examples=60, steps=30)
 # The shortest failing sequences hypothesis found (against 0.1, 0.2 and the 0.3 work), and short ones for paths the
 # derandomized draw reaches rarely, replayed on every run: (machine, setup, rules), checked after every rule.
 _SINGLE = {"auto": False, "layout": "single", "gammas": {"audio": 15.0, "visual": 1 / 15}}
+_BACKWARD = ("backward", {"scale_first": False})
 _CLOSURE = ("step", {"closure": "plain", "clip": None})
 _ITERATION = ("iteration", {"micro_batches": 1, "scale": False, "clip": None})
 _AMP = {"set_to_none": False, "micro_batches": 1, "clip": None}
@@ -601,9 +599,9 @@ FOUND: dict[str, tuple[type[TwinMachine], dict[str, Any], list[tuple[str, dict[s
         SGDGradMachine,
         _SINGLE,
         [
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             ("scale_grads", {"clip": None, "edit": None}),
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             _ITERATION,
         ],
     ),
@@ -622,7 +620,7 @@ FOUND: dict[str, tuple[type[TwinMachine], dict[str, Any], list[tuple[str, dict[s
             ("amp_iteration", {**_AMP, "zero_via": "optimizer", "inf_in": "head", "pre_scale": "before_unscale"}),
             ("copy_and_continue", {"how": "pickle"}),
             ("zero_grad", {"via": "model", "set_to_none": True}),
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             ("copy_and_continue", {"how": "pickle"}),
             ("step", {"closure": None, "clip": None}),
         ],
@@ -631,7 +629,7 @@ FOUND: dict[str, tuple[type[TwinMachine], dict[str, Any], list[tuple[str, dict[s
         SGDGradMachine,
         _SINGLE,
         [
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             ("scale_grads", {"clip": None, "edit": None}),
             ("zero_grad", {"via": "optimizer", "set_to_none": False}),
             ("copy_and_continue", {"how": "deepcopy"}),
@@ -641,7 +639,7 @@ FOUND: dict[str, tuple[type[TwinMachine], dict[str, Any], list[tuple[str, dict[s
         SGDGradMachine,
         _SINGLE,
         [
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             ("scale_grads", {"clip": 0.05, "edit": "halve"}),
             ("scale_grads", {"clip": None, "edit": "drop_visual"}),
             ("step", {"closure": None, "clip": None}),
@@ -652,7 +650,7 @@ FOUND: dict[str, tuple[type[TwinMachine], dict[str, Any], list[tuple[str, dict[s
         _SINGLE,
         [
             ("scale_grads", {"clip": None, "edit": None}),
-            ("backward", {"scale_first": False}),
+            _BACKWARD,
             ("copy_and_continue", {"how": "deepcopy"}),
         ],
     ),
@@ -753,16 +751,12 @@ def test_found_sequence(name: str) -> None:
     machine.teardown()
 
 
-# ------------------------------------------------------------------------------------------ core bugs found
-# Each is the machine's shortest failing sequence written out; ``TwinMachine._around_core_bugs`` keeps the
-# machines off them until they are fixed.
+# ------------------------------------------------------------------------------------------ sequences found
+# Each was a shortest failing sequence of the machines, written out.
 def _sgd(model: TwoModal, **pdmp: Any) -> PDMPOptimizer:
     return PDMPOptimizer(torch.optim.SGD(model.trained(), lr=0.1, momentum=0.9), model.groups(), **pdmp)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="core bug: scale_grads_() reads the gamma of groups it has not tagged yet (KeyError)"
-)
 def test_scale_grads_tags_the_groups_that_arrived_untagged() -> None:
     """A group added on the inner optimizer is tagged by ``scale_grads_()`` too, and its gradients scaled."""
     model = TwoModal(extras=1)
@@ -774,7 +768,6 @@ def test_scale_grads_tags_the_groups_that_arrived_untagged() -> None:
     assert all(torch.equal(p.grad, 2.0 * g) for p, g in zip(model.extras.parameters(), bare, strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: groups reassigned after a load take the constructor's gammas")
 def test_reassigned_groups_keep_the_gammas_a_checkpoint_restored() -> None:
     """``opt.param_groups = [...]`` after ``load_state_dict`` keeps the loaded gammas (not those built with)."""
     saved = _sgd(TwoModal(), gammas={"audio": 2.0, "visual": 0.5}).state_dict()
@@ -787,21 +780,29 @@ def test_reassigned_groups_keep_the_gammas_a_checkpoint_restored() -> None:
     assert dict(opt.gammas) == {"audio": 2.0, "visual": 0.5}
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: SGD lr mode loses its momentum units when param_groups are replaced")
-def test_reassigned_groups_keep_sgd_lr_mode_momentum() -> None:
-    """SGD in lr mode keeps the buffers in ``1/gamma`` units, recorded in the groups: fresh groups must not lose it."""
+def test_fresh_groups_over_sgd_lr_mode_momentum_are_refused_and_copies_keep_it() -> None:
+    """SGD in lr mode keeps the buffers in ``1/gamma`` units, recorded in the groups: fresh groups (which do not say
+    so) are refused, through the wrapper at once and through the inner optimizer at the next step; copies of the
+    groups carry the units and the run goes on as the reference's."""
     fast_model, ref_model = TwoModal(), TwoModal()
     gammas = {"audio": 1 / 15, "visual": 15.0}
     fast = _sgd(fast_model, gammas=gammas, mode="lr")
     ref = PDMPReference(torch.optim.SGD(ref_model.trained(), lr=0.1, momentum=0.9), ref_model.groups(),
                         gammas=gammas, mode="lr")  # fmt: skip
-    for step in range(2):
+    for step in range(3):
         for model, opt in ((fast_model, fast), (ref_model, ref)):
             loss_of(model, step).backward()
             opt.step()
             opt.zero_grad()
         if step == 0:
-            fast.param_groups = [{**fast.defaults, "params": fast_model.trained()}]
-            ref.optimizer.param_groups = [{**ref.defaults, "params": ref_model.trained()}]
+            with pytest.raises(ValueError, match="does not say in which units its momentum is"):
+                fast.param_groups = [{**fast.defaults, "params": fast_model.trained()}]
+            groups = fast.param_groups
+            fast.optimizer.param_groups = [{**fast.defaults, "params": fast_model.trained()}]
+            with pytest.raises(ValueError, match="does not say in which units its momentum is"):
+                fast.state_dict()
+            fast.optimizer.param_groups = groups
+        if step == 1:
+            fast.param_groups = [dict(g) for g in fast.param_groups]
     for p, q in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=5e-7)

@@ -198,3 +198,38 @@ def test_pdmp_gammas_checks_its_arguments():
         pdmp_gammas(["a", "b"], "a", early_scores={"a": 1.0, "b": math.nan})
     with pytest.raises(ValueError, match=r"modalities \['a', 'a'\] name one modality twice; list each once"):
         pdmp_gammas(["a", "a"], "a")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dominant": "visual", "optimization_dominant": "visual"},  # Eq. 12 with m_p = m_o: gamma_p for every modality
+        {"gammas": {"audio": 4.0, "visual": 4.0}},
+        {"ranking": rank_modalities({"audio": [0.3, 0.5], "visual": [0.4, 0.7]})},  # visual best early and late
+    ],
+)
+def test_the_same_coefficient_for_every_modality_warns_once_at_construction(kwargs):
+    """Issue 18: nothing is prioritised then; the warning says what it amounts to and what to compare against."""
+    model = TwoModal()
+    message = r"every modality gets gamma=(15|4) .* a common learning-rate multiplier for the encoders; compare against"
+    with pytest.warns(UserWarning, match=message + " vanilla training with a tuned learning rate") as record:
+        opt = PDMPOptimizer(sgd(model), model.groups(), **kwargs)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the user's line
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 6), torch.randn(4, 10)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()  # no warning afterwards (the suite turns pdmp_optim's warnings into errors)
+
+
+def test_different_or_pass_through_coefficients_do_not_warn(recwarn):
+    for gammas in (GAMMAS, {"audio": 1.0, "visual": 1.0}):
+        model = TwoModal()
+        PDMPOptimizer(sgd(model), model.groups(), gammas=gammas)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_item_assignment_into_gammas_names_the_fix():
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model), model.groups(), gammas=GAMMAS)
+    with pytest.raises(TypeError, match=r"opt.gammas is read-only; assign a whole mapping: opt.gammas = \{\*\*opt"):
+        opt.gammas["visual"] = 1.0
+    assert opt.gammas == GAMMAS

@@ -39,13 +39,5 @@ from .probes import analyze_modalities, unimodal_histories
 from .ranking import ModalityRanking, PremiseCheck, rank_modalities
 from .tasks import accuracy, mean_absolute_error, mean_average_precision
 
-__all__ = [
-    "ModalityRanking",
-    "PremiseCheck",
-    "accuracy",
-    "analyze_modalities",
-    "mean_absolute_error",
-    "mean_average_precision",
-    "rank_modalities",
-    "unimodal_histories",
-]
+__all__ = ["ModalityRanking", "PremiseCheck", "accuracy", "analyze_modalities", "mean_absolute_error",
+           "mean_average_precision", "rank_modalities", "unimodal_histories"]  # fmt: skip

@@ -34,27 +34,13 @@ BatchFn = Callable[[Any], Any]
 
 @takes_encoders
 def analyze_modalities(
-    groups: Mapping[str, nn.Module],
-    train_batches: Iterable[Any],
-    eval_batches: Iterable[Any],
-    *,
-    task: Task = "classification",
-    num_classes: int | None = None,
-    epochs: int = 10,
-    seeds: int = 1,
-    subset: float = 1.0,
-    optimizer: OptimizerFactory | None = None,
-    loss: Loss | None = None,
-    metric: Metric | None = None,
-    features: Features | Mapping[str, Features] | None = None,
-    batch_fn: BatchFn | None = None,
-    progress: bool | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    higher_is_better: bool | None = None,
-    early_epoch: int = 0,
-    warn: bool = True,
-) -> ModalityRanking:
+    groups: Mapping[str, nn.Module], train_batches: Iterable[Any], eval_batches: Iterable[Any], *,
+    task: Task = "classification", num_classes: int | None = None, epochs: int = 10, seeds: int = 1,
+    subset: float = 1.0, optimizer: OptimizerFactory | None = None, loss: Loss | None = None,
+    metric: Metric | None = None, features: Features | Mapping[str, Features] | None = None,
+    batch_fn: BatchFn | None = None, progress: bool | None = None, device: torch.device | str | None = None,
+    seed: int = 0, higher_is_better: bool | None = None, early_epoch: int = 0, warn: bool = True,
+) -> ModalityRanking:  # fmt: skip
     """Rank modalities by unimodal models trained on copies of your encoders (the paper's Algorithm 1).
 
     >>> import torch
@@ -162,24 +148,13 @@ def analyze_modalities(
 
 @takes_encoders
 def unimodal_histories(
-    groups: Mapping[str, nn.Module],
-    train_batches: Iterable[Any],
-    eval_batches: Iterable[Any],
-    *,
-    task: Task = "classification",
-    num_classes: int | None = None,
-    epochs: int = 10,
-    seeds: int = 1,
-    subset: float = 1.0,
-    optimizer: OptimizerFactory | None = None,
-    loss: Loss | None = None,
-    metric: Metric | None = None,
-    features: Features | Mapping[str, Features] | None = None,
-    batch_fn: BatchFn | None = None,
-    progress: bool | None = None,
-    device: torch.device | str | None = None,
+    groups: Mapping[str, nn.Module], train_batches: Iterable[Any], eval_batches: Iterable[Any], *,
+    task: Task = "classification", num_classes: int | None = None, epochs: int = 10, seeds: int = 1,
+    subset: float = 1.0, optimizer: OptimizerFactory | None = None, loss: Loss | None = None,
+    metric: Metric | None = None, features: Features | Mapping[str, Features] | None = None,
+    batch_fn: BatchFn | None = None, progress: bool | None = None, device: torch.device | str | None = None,
     seed: int = 0,
-) -> dict[str, list[list[float]]]:
+) -> dict[str, list[list[float]]]:  # fmt: skip
     """Train :func:`analyze_modalities`' probes and return ``{modality: [run 0 history, run 1 history, ...]}``.
 
     >>> import torch
@@ -302,9 +277,8 @@ def _home(encoder: nn.Module, device: Any) -> torch.device:
     return next((t.device for t in itertools.chain(encoder.parameters(), encoder.buffers())), torch.device("cpu"))
 
 
-def _first_look(
-    train_batches: Iterable[Any], eval_batches: Iterable[Any], subset: float, split: Callable, names: list[str]
-) -> tuple[int, int, dict[str, tuple[Tensor, Tensor]]]:
+def _first_look(train_batches: Iterable[Any], eval_batches: Iterable[Any], subset: float, split: Callable,
+                names: list[str]) -> tuple[int, int, dict[str, tuple[Tensor, Tensor]]]:  # fmt: skip
     """Check the data sources; return the number of training batches, how many a run uses, and an input of each
     modality with its target (from the first training batches that have it)."""
     for data, what in ((train_batches, "train_batches"), (eval_batches, "eval_batches")):
@@ -422,8 +396,7 @@ class _Probe:
             out = self._features(example[0].to(self.device), example[1].shape[0])
         self.flattened = tuple(out.shape) if out.dim() > 2 else None  # a feature map or a sequence, read flattened
         self.head = nn.Linear(math.prod(out.shape[1:]), spec.num_outputs, device=self.device, dtype=out.dtype)
-        params: list[Tensor] = [p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.requires_grad]
-        self.optimizer = factory(params)
+        self.optimizer = factory([p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.requires_grad])
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
                 f"optimizer factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer; "
@@ -511,8 +484,7 @@ def _not_the_batch(name: str, shape: tuple[int, ...], batch: int) -> str:
     said = f"encoder {name!r} returned shape {shape} for a batch of {batch}"
     if len(shape) >= 1 and batch > 0 and shape[0] > batch and shape[0] % batch == 0:
         frames = shape[0] // batch
-        pooled = (1, *range(3, len(shape) + 1))
-        dims = pooled[0] if len(pooled) == 1 else pooled
+        dims = 1 if len(shape) <= 2 else (1, *range(3, len(shape) + 1))
         return (
             f"{said}: {frames} rows per sample, as when a video encoder folds {frames} frames into the batch "
             f"(batch * frames, ...). Unfold and pool them as your model's forward does, e.g. features={{{name!r}: "

@@ -36,11 +36,8 @@ from ..coefficients import pdmp_gammas
 __all__ = ["ModalityRanking", "PremiseCheck", "rank_modalities"]
 
 REPAIR = "drop or repair that run before ranking"
-_ADVICE = {
-    True: "PDMP is worth trying",
-    False: "PDMP is not expected to help",
-    None: "try PDMP only against a tuned learning rate on a validation split",
-}
+_ADVICE = {True: "PDMP is worth trying", False: "PDMP is not expected to help",
+           None: "try PDMP only against a tuned learning rate on a validation split"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ class ModalityRanking:
         higher = self.higher_is_better
         if not isinstance(higher, bool):
             raise TypeError(f"higher_is_better must be true or false, got {higher!r}")
-        final = _scores(self.final_scores, "final_scores", order)
+        final = _per_modality(self.final_scores, "final_scores", order, as_finite)
         sign = 1.0 if higher else -1.0
         if any(sign * final[a] < sign * final[b] for a, b in itertools.pairwise(order)):
             raise ValueError(
@@ -108,12 +105,12 @@ class ModalityRanking:
             )
         zeros, early, early_std = dict.fromkeys(order, 0.0), None, None
         if self.early_scores is not None:  # early scores keep their own order: it breaks ties for m_o
-            early = _scores(self.early_scores, "early_scores", order, ordered=False)
+            early = _per_modality(self.early_scores, "early_scores", order, as_finite, ordered=False)
             std = zeros if self.early_std is None else self.early_std
-            early_std = _scores(std, "early_std", order, spread=True, ordered=False)
+            early_std = _per_modality(std, "early_std", order, _spread, ordered=False)
         elif self.early_std is not None:
             raise ValueError("early_std is given but early_scores is not; pass both or neither")
-        final_std = _scores(zeros if self.final_std is None else self.final_std, "final_std", order, spread=True)
+        final_std = _per_modality(zeros if self.final_std is None else self.final_std, "final_std", order, _spread)
         winners = _strings(order[:1] if self.run_winners is None else self.run_winners, "run_winners", names=True)
         if not winners or any(w not in order for w in winners):
             raise ValueError(f"run_winners must name one modality of order {list(order)} per run, got {list(winners)}")
@@ -169,14 +166,9 @@ class ModalityRanking:
         A method, not a property like :attr:`PDMPOptimizer.gammas <pdmp_optim.PDMPOptimizer.gammas>`: the
         coefficients depend on ``gamma_p``.
         """
-        return pdmp_gammas(
-            self.order,
-            self.performance_dominant,
-            gamma_p=gamma_p,
-            optimization_dominant=self.optimization_dominant,
-            early_scores=self.early_scores,
-            higher_is_better=self.higher_is_better,
-        )
+        return pdmp_gammas(self.order, self.performance_dominant, gamma_p=gamma_p,
+                           optimization_dominant=self.optimization_dominant, early_scores=self.early_scores,
+                           higher_is_better=self.higher_is_better)  # fmt: skip
 
     def check_premise(self, joint: Any, *, z: float = 2.0) -> PremiseCheck:
         """Does the jointly trained model end below its best unimodal model (PDMP's premise), and how surely?
@@ -220,7 +212,7 @@ class ModalityRanking:
         if z < 0:
             raise ValueError(f"z must be >= 0 (a number of standard errors), got {z}")
         joint = joint.tolist() if hasattr(joint, "tolist") else joint
-        values = joint if isinstance(joint, Sequence) and not isinstance(joint, (str, bytes)) else [joint]
+        values = joint if _is_list(joint) else [joint]
         if len(values) == 0:
             raise ValueError("joint needs at least one score of the jointly trained model (one per run)")
         scores = [as_finite(v, f"joint score (run {i})", REPAIR) for i, v in enumerate(values)]
@@ -256,9 +248,7 @@ class ModalityRanking:
         >>> rank_modalities({"a": 0.6, "v": 0.7}).to_dict()["order"]
         ['v', 'a']
         """
-        data = asdict(self)  # fresh dicts
-        data.update(order=list(self.order), run_winners=list(self.run_winners), notes=list(self.notes))
-        return data
+        return dict(asdict(self), order=list(self.order), run_winners=list(self.run_winners), notes=list(self.notes))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModalityRanking:
@@ -317,13 +307,9 @@ class ModalityRanking:
 
 
 def rank_modalities(
-    scores: Mapping[str, Any],
-    *,
-    early: Mapping[str, Any] | None = None,
-    higher_is_better: bool = True,
-    early_epoch: int = 0,
-    warn: bool = True,
-) -> ModalityRanking:
+    scores: Mapping[str, Any], *, early: Mapping[str, Any] | None = None, higher_is_better: bool = True,
+    early_epoch: int = 0, warn: bool = True,
+) -> ModalityRanking:  # fmt: skip
     """Rank modalities by their unimodal models' scores (PDMP's modality analysis).
 
     >>> r = rank_modalities({"audio": 0.62, "visual": 0.71}, early={"audio": 0.55, "visual": 0.35})
@@ -437,8 +423,7 @@ def _histories(scores: Any) -> dict[str, list[list[float]]]:
 
 def _as_runs(name: str, value: Any) -> list[list[float]]:
     """One modality's scores as a list of runs, each a list of per-epoch scores."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()  # NumPy values and arrays, tensors
+    value = value.tolist() if hasattr(value, "tolist") else value  # NumPy values and arrays, tensors
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [[as_finite(value, f"score of {name!r}", REPAIR)]]
     if not _is_list(value):
@@ -487,9 +472,8 @@ def _early_runs(runs: dict[str, list[list[float]]], early: Any, early_epoch: Any
 
 
 # ------------------------------------------------------------------------------------------------ ranking
-def _rank(
-    runs: dict[str, list[list[float]]], early_runs: dict[str, list[float]] | None, higher_is_better: bool
-) -> ModalityRanking:
+def _rank(runs: dict[str, list[list[float]]], early_runs: dict[str, list[float]] | None,
+          higher_is_better: bool) -> ModalityRanking:  # fmt: skip
     """Means, spreads, order, run winners and notes of checked runs."""
     final_runs = {name: [history[-1] for history in r] for name, r in runs.items()}
     (final, final_std), run_winners = _stats(final_runs), _winners(final_runs, higher_is_better)
@@ -502,9 +486,8 @@ def _rank(
     return ModalityRanking(order, final, early, final_std, early_std, higher_is_better, run_winners, notes=tuple(notes))
 
 
-def _final_notes(
-    order: tuple[str, ...], final: Mapping[str, float], std: Mapping[str, float], run_winners: tuple[str, ...]
-) -> list[str]:
+def _final_notes(order: tuple[str, ...], final: Mapping[str, float], std: Mapping[str, float],
+                 run_winners: tuple[str, ...]) -> list[str]:  # fmt: skip
     """Why ``m_p`` may be doubtful: exact ties, a gap within one standard deviation, disagreeing runs."""
     notes: list[str] = []
     best, second = order[0], order[1]
@@ -542,9 +525,8 @@ def _winners(per_run: Mapping[str, Sequence[float]], higher_is_better: bool) -> 
 
 
 def _best(scores: Mapping[str, float], higher_is_better: bool) -> str:
-    """The best-scoring name; ties go to the first in mapping order."""
-    sign = 1.0 if higher_is_better else -1.0
-    return max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
+    """The best-scoring name; ties go to the first in mapping order (as ``max`` and ``min`` break them)."""
+    return (max if higher_is_better else min)(scores, key=scores.__getitem__)
 
 
 def _stats(per_run: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -565,9 +547,8 @@ def _strings(value: Any, key: str, *, names: bool = False) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _per_modality(
-    value: Any, key: str, order: Sequence[str], convert: Callable[[Any, str], Any], ordered: bool = True
-) -> dict[str, Any]:
+def _per_modality(value: Any, key: str, order: Sequence[str], convert: Callable[[Any, str], Any],
+                  ordered: bool = True) -> dict[str, Any]:  # fmt: skip
     """A ``{modality: value}`` field naming exactly the modalities of ``order``, each value converted; in the order
     of ``order`` (or, not ``ordered``, in its own)."""
     if not isinstance(value, Mapping):
@@ -577,14 +558,12 @@ def _per_modality(
     return {name: convert(value[name], f"{key}[{name!r}]") for name in (order if ordered else value)}
 
 
-def _scores(
-    value: Any, key: str, order: Sequence[str], *, spread: bool = False, ordered: bool = True
-) -> dict[str, float]:
-    """Finite scores per modality, and ``>= 0`` for a spread."""
-    scores = _per_modality(value, key, order, as_finite, ordered)
-    if spread and any(v < 0 for v in scores.values()):
-        raise ValueError(f"{key} must be >= 0 (a standard deviation), got {scores}")
-    return scores
+def _spread(value: Any, what: str) -> float:
+    """A standard deviation: a finite number ``>= 0``."""
+    spread = as_finite(value, what)
+    if spread < 0:
+        raise ValueError(f"{what} must be >= 0 (a standard deviation), got {spread}")
+    return spread
 
 
 def _counts(entry: Any, what: str) -> dict[str, int]:
