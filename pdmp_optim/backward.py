@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from ._checks import check_gammas, check_name, takes_encoders
@@ -132,7 +132,9 @@ class EncoderGradScaling:
             for tensor in _tensors(output, modality):
                 if gamma != 1.0 and tensor.requires_grad:
                     tensor.register_hook(lambda grad: grad * gamma)
-            if not self._warned_upstream and any(t.requires_grad for t in tree_leaves(inputs) if isinstance(t, Tensor)):
+            if not self._warned_upstream and any(
+                t.requires_grad for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)
+            ):
                 self._warned_upstream = True
                 warnings.warn(
                     f"an input of encoder {modality!r} requires grad, so whatever produced it (a shared stem, a "
@@ -246,7 +248,7 @@ def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
 
 def _tensors(value: Any, modality: str) -> list[Tensor]:
     """The tensors in an encoder's output or inputs (nested tuples, lists, dicts, Hugging Face outputs)."""
-    leaves = tree_leaves(value)
+    leaves = tree_flatten(value)[0]
     odd = [leaf for leaf in leaves if not isinstance(leaf, (Tensor, bool, int, float, str, type(None)))]
     if odd:
         raise TypeError(

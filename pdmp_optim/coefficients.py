@@ -24,7 +24,7 @@ from typing import Any
 
 from ._checks import as_finite, check_gamma, check_gammas, check_name
 
-__all__ = ["pdmp_gammas", "resolve_gammas"]
+__all__ = ["pdmp_gammas"]
 
 
 def pdmp_gammas(

@@ -163,8 +163,7 @@ class ModalityRanking:
 
         ``m_p`` gets ``gamma_p``; another modality gets ``1 / gamma_p`` if it is ``m_o`` or its early score
         beats ``m_p``'s, else ``gamma_p``. Without early scores, every other modality gets ``1 / gamma_p``.
-        A method, not a property like :attr:`PDMPOptimizer.gammas <pdmp_optim.PDMPOptimizer.gammas>`: the
-        coefficients depend on ``gamma_p``.
+        A method, not a property like ``PDMPOptimizer.gammas``: the coefficients depend on ``gamma_p``.
         """
         return pdmp_gammas(self.order, self.performance_dominant, gamma_p=gamma_p,
                            optimization_dominant=self.optimization_dominant, early_scores=self.early_scores,
@@ -370,8 +369,10 @@ class PremiseCheck:
             losses): positive when the joint model is worse.
         std_error: the shortfall's standard error, ``None`` when both sides have a single run.
         best_unimodal: the performance-dominant modality, whose unimodal model is compared.
-        unimodal_score: its mean final score; ``joint_score``: the joint model's mean score.
-        unimodal_runs, joint_runs: how many runs each mean is over.
+        unimodal_score: its mean final score.
+        joint_score: the joint model's mean score.
+        unimodal_runs: how many runs the unimodal mean is over.
+        joint_runs: how many runs the joint mean is over.
         z: the threshold used, in standard errors.
         notes: what else to know (a single run, nothing for the rule to damp, a doubtful ranking).
     """
