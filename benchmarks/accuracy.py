@@ -4,6 +4,8 @@ Run ``python benchmarks/accuracy.py --quick`` (about a minute on 2 CPU cores: th
 and the best unimodal model vs vanilla vs the best-learning-rate control vs PDMP on the CREMA-D-like task and on
 the shortcut task built to show the paper's premise) or ``python
 benchmarks/accuracy.py`` (every task and table; writes ``benchmarks/results/accuracy.{json,md}`` and PNG plots).
+Both end with a summary: the tasks, PDMP minus vanilla on each, whether the paper's premise holds there.
+``--replot`` trains nothing: it redraws the figures and reprints that summary from a saved ``accuracy.json``.
 
 Stage 1 is the paper's modality analysis: one unimodal model (encoder + linear head) per modality, trained on a
 subset of the training split, ranked (via :func:`pdmp_optim.analysis.analyze_modalities`) by their
@@ -22,6 +24,7 @@ and ``s_r`` sums the other modalities.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import platform
@@ -1083,110 +1086,165 @@ def _mean_curve(curves: Sequence[Sequence[float | None]]) -> list[float] | None:
     return [statistics.fmean(vals) for vals in zip(*curves, strict=True)]  # type: ignore[arg-type]
 
 
+# Figures: one idea each, drawn at the docs column width (10 in at 100 dpi = 1000 px) with fonts of 11 pt or more.
+FIG_WIDTH, FIG_DPI = 10.0, 100
+FIG_STYLE = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "legend.fontsize": 11,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+}
+W_CURVES = (("vanilla", 1.0, "vanilla"), ("pdmp", 1.0, "PDMP"), ("ogm_ge", 1.0, "OGM-GE"))
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """PNG plots: the ratio ``w`` over training (paper Fig. 4), and Tables V and VII when present."""
+    """PNG figures, one idea each: the ratio ``w`` over training per task (paper Fig. 4), PDMP's gain against
+    ``gamma_p`` (Table V), the learning-rate control per task (Table VII), the premise against PDMP's gain, and
+    the premise-onset sweep. Works on the results dict or on the ``accuracy.json`` it was saved as."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    names = list(results["tasks"])
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(names) :]:
-        ax.set_visible(False)
-    g = results["config"]["gamma_p"]
-    for ax, name in zip(axes.flat, names, strict=False):
-        data = results["tasks"][name]
-        dom = ModalityRanking.from_dict(data["ranking"]).performance_dominant
-        for key, label in (
-            (f"vanilla|concat|lr_x1|gamma{g:g}", "vanilla"),
-            (f"pdmp|concat|lr_x1|gamma{g:g}", "PDMP"),
-            (f"ogm_ge|concat|lr_x1|gamma{g:g}", "OGM-GE"),
-            (f"vanilla|concat|lr_x{g:g}|gamma{g:g}", "vanilla lr x gamma_p"),
-            (f"adamw|concat|lr_x1|gamma{g:g}", "AdamW"),
-            (f"pdmp_adamw|concat|lr_x1|gamma{g:g}", "PDMP AdamW"),
-        ):
-            run = data["runs"].get(key)
-            curve = None if run is None else _mean_curve([s["w"] for s in run["seeds"]])
-            if curve is not None:
-                ax.plot(range(1, len(curve) + 1), curve, label=label)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{name}: w = sum|s_{dom}| / sum|s_rest|", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
-    for row in axes:
-        row[0].set_ylabel("w (val set, mean over seeds)")
-    fig.tight_layout()
-    path = out_dir / "w_ratio.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    for name, data in results["tasks"].items():
-        t = data["tables"]
-        if "V" in t:
-            fig, ax = plt.subplots(figsize=(4.5, 3.4))
-            xs = [float(k) for k in t["V"]]
-            ys = [100 * s["acc"] for s in t["V"].values()]
-            es = [100 * s["acc_std"] for s in t["V"].values()]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
-            ax.set_xlabel("gamma_p")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"Table V: gamma_p sweep ({name})", fontsize=9)
-            fig.tight_layout()
-            path = out_dir / f"gamma_sweep_{name}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-        if "VII" in t:
-            fig, ax = plt.subplots(figsize=(4.5, 3.4))
-            xs = [float(k) for k in t["VII"]["vanilla"]]
-            ys = [100 * s["acc"] for s in t["VII"]["vanilla"].values()]
-            es = [100 * s["acc_std"] for s in t["VII"]["vanilla"].values()]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="vanilla, lr x multiplier")
-            p = t["VII"]["pdmp"]
-            ax.axhline(100 * p["acc"], color="C1", label=f"PDMP (lr x1, gamma_p {g:g})")
-            ax.axhspan(100 * (p["acc"] - p["acc_std"]), 100 * (p["acc"] + p["acc_std"]), color="C1", alpha=0.15)
-            top = max([*ys, 100 * p["acc"]])
-            shown = [y for y in [*ys, 100 * p["acc"]] if y > top - 15]  # diverged runs would squash the axis
-            ax.set_ylim(min(shown) - 2, top + 1.5)
-            for x, y in zip(xs, ys, strict=True):
-                if y <= top - 15:
-                    ax.annotate(
-                        f"{y:.1f}% (off scale)",
-                        (x, min(shown) - 2),
-                        xytext=(0, 8),
-                        textcoords="offset points",
-                        ha="center",
-                        fontsize=7,
-                        arrowprops={"arrowstyle": "->"},
-                    )
-            ax.set_xscale("log")
-            ax.set_xlabel("learning-rate multiplier (whole model)")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"Table VII: learning-rate control ({name})", fontsize=9)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"lr_control_{name}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-    pvg = results.get("premise_vs_gain") or premise_points(results)
-    if pvg["points"]:
-        written.append(_premise_plot(plt, pvg, out_dir / "premise_vs_gain.png"))
+    written: list[Path] = []
+    with plt.rc_context(FIG_STYLE):
+        for name, data in results["tasks"].items():
+            path = _w_plot(plt, name, data, results["config"], out_dir / f"w_ratio_{name}.png")
+            if path is not None:
+                written.append(path)
+        if any("V" in d["tables"] for d in results["tasks"].values()):
+            written.append(_gamma_plot(plt, results, out_dir / "gamma_sweep.png"))
+        for name, data in results["tasks"].items():
+            if "VII" in data["tables"]:
+                written.append(_lr_plot(plt, name, data, results["config"], out_dir / f"lr_control_{name}.png"))
+        pvg = results.get("premise_vs_gain") or premise_points(results)
+        if pvg["points"]:
+            written.append(_premise_plot(plt, pvg, out_dir / "premise_vs_gain.png"))
+        for key, values in results.get("sweeps", {}).items():
+            written.append(_onset_plot(plt, key, values, results, out_dir / f"premise_onset_{key.split(':')[0]}.png"))
     return written
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIG_DPI)
+    plt.close(fig)
+    return path
+
+
+def _w_plot(plt: Any, name: str, data: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> Path | None:
+    """``w`` (the performance-dominant modality's share of the logits over the others') per epoch, per method."""
+    g = cfg["gamma_p"]
+    curves = []
+    for method, mult, label in (*W_CURVES, ("vanilla", g, f"vanilla, lr x{g:g}")):
+        run = data.get("runs", {}).get(f"{method}|concat|lr_x{mult:g}|gamma{g:g}")
+        curve = None if run is None else _mean_curve([s["w"] for s in run["seeds"]])
+        if curve is not None:
+            curves.append((label, curve))
+    if not curves:
+        return None
+    dom = ModalityRanking.from_dict(data["ranking"]).performance_dominant
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 5.0))
+    for label, curve in curves:
+        ax.plot(range(1, len(curve) + 1), curve, label=label, lw=2)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=1, ls=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"w = |logits from {dom}| / |rest|")
+    ax.set_title(f"{name}: how much of the logits comes from {dom} (validation set, mean over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _paired(runs: Mapping[str, Any], key: str, base: str) -> tuple[float, float] | None:
+    """Mean and std of the paired test-accuracy difference ``key - base`` in points, from the saved runs."""
+    if key not in runs or base not in runs:
+        return None
+    diffs = [100 * (a["acc"] - b["acc"]) for a, b in zip(runs[key]["seeds"], runs[base]["seeds"], strict=True)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+
+
+def _gamma_plot(plt: Any, results: Mapping[str, Any], path: Path) -> Path:
+    """Table V of every task that has it: PDMP minus vanilla against ``gamma_p`` (``gamma_p = 1`` is vanilla)."""
+    g = results["config"]["gamma_p"]
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 5.0))
+    for name, data in results["tasks"].items():
+        if "V" not in data["tables"]:
+            continue
+        base = f"vanilla|concat|lr_x1|gamma{g:g}"
+        xs, ys, es = [], [], []
+        for gamma in data["tables"]["V"]:
+            d = _paired(data.get("runs", {}), f"pdmp|concat|lr_x1|gamma{gamma}", base)
+            if d is not None:
+                xs.append(float(gamma))
+                ys.append(d[0])
+                es.append(d[1])
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2, label=name)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.axvline(g, color="grey", lw=1, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 15, 25], ["1", "2", "5", "10", "15", "25"])
+    ax.set_xlabel("gamma_p (1 = vanilla; dotted: the paper's default)")
+    ax.set_ylabel("PDMP minus vanilla (test points)")
+    ax.set_title("PDMP minus vanilla against gamma_p (mean ± std of the paired differences)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _lr_plot(plt: Any, name: str, data: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> Path:
+    """Table VII: vanilla at every learning-rate multiplier against PDMP at the base learning rate."""
+    t = data["tables"]["VII"]
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 5.5))
+    xs = [float(k) for k in t["vanilla"]]
+    ys = [100 * s["acc"] for s in t["vanilla"].values()]
+    es = [100 * s["acc_std"] for s in t["vanilla"].values()]
+    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2, label="vanilla, whole model's lr x multiplier")
+    p = t["pdmp"]
+    ax.axhline(100 * p["acc"], color="C1", lw=2, label=f"PDMP at lr x1 (gamma_p {cfg['gamma_p']:g}), ± std")
+    ax.axhspan(100 * (p["acc"] - p["acc_std"]), 100 * (p["acc"] + p["acc_std"]), color="C1", alpha=0.15)
+    top = max([*ys, 100 * p["acc"]])
+    shown = [y for y in [*ys, 100 * p["acc"]] if y > top - 15]  # diverged runs would squash the axis
+    ax.set_ylim(min(shown) - 2, top + 1.5)
+    for x, y in zip(xs, ys, strict=True):
+        if y <= top - 15:
+            ax.annotate(f"{y:.1f}%\n(off scale)", (x, min(shown) - 2), xytext=(0, 22), textcoords="offset points",
+                        ha="center", arrowprops={"arrowstyle": "->"})  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel("learning-rate multiplier (whole model)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{name}: PDMP against vanilla at every learning rate (mean ± std over seeds)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)  # below: clear of the data
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+# where each task's name goes around its point in the premise plot (offsets in points), so that labels do not meet
+LABEL_OFFSETS = {
+    "crema_d_shortcut": (12, 6),
+    "digits": (12, 40),
+    "ave_like": (-80, 10),
+    "crema_d_like_nonlinear": (-170, -45),
+    "crema_d_like": (-90, -22),
+    "cefa_like": (-30, 12),
+    "mfeat_fou_kar": (-15, 30),
+    "mfeat_fou_kar_zer": (30, 45),
+    "mfeat_fou_zer": (25, 8),
+    "mfeat_kar_zer": (20, -30),
+}
+
+
 def _premise_plot(plt: Any, pvg: Mapping[str, Any], path: Path) -> Path:
-    """Scatter of (vanilla − best unimodal, PDMP − vanilla), one point per task and setting."""
-    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    """Scatter of (vanilla minus best unimodal, PDMP minus vanilla), one point per task and setting."""
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 6.0))
     styles = {
-        "task": ("o", "task (concat fusion)"),
-        "fusion": ("s", "other fusion (Table III)"),
-        "sweep": ("^", "premise-onset sweep"),
+        "task": ("o", "task"),
+        "fusion": ("s", "other fusion"),
+        "sweep": ("^", "shortcut strength"),
     }
     real = {"digits", *MFEAT_TASKS}
     for source, (marker, label) in styles.items():
@@ -1200,71 +1258,212 @@ def _premise_plot(plt: Any, pvg: Mapping[str, Any], path: Path) -> Path:
                 xerr=[p["gap_std"] for p in pts],
                 yerr=[p["gain_std"] for p in pts],
                 fmt=marker,
+                ms=7,
                 color="C1" if is_real else "C0",
                 alpha=0.85,
                 capsize=2,
-                lw=0.8,
+                lw=1,
                 label=f"{label}, {'real' if is_real else 'generated'} data",
             )
-    offsets = [(4, 3), (4, -9), (-30, 8), (4, 10)]  # cycled, so that neighbouring labels do not overlap
-    labelled = [p for p in pvg["points"] if p["source"] == "task"]
-    for i, p in enumerate(sorted(labelled, key=lambda p: (p["gap"], p["gain"]))):
-        label = p["task"].replace("mfeat_", "mfeat ").replace("_", "+") if p["task"] in MFEAT_TASKS else p["task"]
-        offset = offsets[i % len(offsets)]
-        ax.annotate(label, (p["gap"], p["gain"]), xytext=offset, textcoords="offset points", fontsize=6)
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.axvline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("vanilla − best unimodal (test points; < 0: the premise holds)")
-    ax.set_ylabel("PDMP − vanilla (test points)")
+    for i, p in enumerate(q for q in pvg["points"] if q["source"] == "task"):
+        label = p["task"].removeprefix("mfeat_").replace("_", "+") if p["task"] in MFEAT_TASKS else p["task"]
+        offset = LABEL_OFFSETS.get(p["task"], ((8, 6), (8, -14))[i % 2])
+        far = abs(offset[0]) + abs(offset[1]) > 30
+        arrow = {"arrowstyle": "-", "color": "grey", "lw": 0.8} if far else None
+        ax.annotate(label, (p["gap"], p["gain"]), xytext=offset, textcoords="offset points", arrowprops=arrow)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_xlabel("vanilla minus best unimodal (test points; < 0: the premise holds)")
+    ax.set_ylabel("PDMP minus vanilla (test points)")
     r = pvg["pearson"]
-    title = "Premise vs PDMP's gain" + ("" if r is None else f" (Pearson r = {r:+.2f})")
-    ax.set_title(title + "; error bars: std of the paired differences", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.set_title(
+        "The premise gap against PDMP's gain, per task and setting" + ("" if r is None else f" (r = {r:+.2f})")
+    )
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
 
 
-def print_summary(results: Mapping[str, Any]) -> None:
-    """Print the rankings, gammas and Table I to stdout."""
+def _onset_plot(plt: Any, key: str, values: Mapping[str, Any], results: Mapping[str, Any], path: Path) -> Path:
+    """The premise-onset sweep: test accuracy of each method against the swept knob (and the task's own run)."""
+    task, knob = key.split(":")
+    rows = {float(v): d["tables"]["I"] for v, d in values.items()}
+    main_run = results["tasks"].get(task)
+    if main_run is not None and not results["config"].get("task_knobs", {}).get(task):
+        try:  # the task's own run sits at the knob's default value
+            default = inspect.signature(TASKS[task]).parameters[knob].default
+            rows.setdefault(float(default), main_run["tables"]["I"])
+        except (KeyError, ValueError, TypeError):
+            pass
+    xs = sorted(rows)
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 5.0))
+    for method, label in (
+        ("best_unimodal", "best unimodal model"),
+        ("vanilla", "vanilla"),
+        ("vanilla_best_lr", "vanilla, best lr (val)"),
+        ("pdmp", "PDMP"),
+    ):
+        pts = [(x, rows[x][method]) for x in xs if method in rows[x]]
+        ax.errorbar([x for x, _ in pts], [100 * s["acc"] for _, s in pts], yerr=[100 * s["acc_std"] for _, s in pts],
+                    marker="o", capsize=3, lw=2, label=label)  # fmt: skip
+    ax.set_xlabel(f"{knob} (how often the fast modality's cue is right on the training split)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: test accuracy against {knob} (mean ± std over seeds)")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+# What the main job prints: one block per task, then the summary. Every difference is stated as "A minus B" in
+# test-accuracy points, paired by seed, with one direction per pair: "<method> minus vanilla" and "vanilla minus
+# best unimodal" (the paper's premise holds when the latter is negative).
+PRINT_LABELS = {
+    "best_unimodal": "best unimodal model ({modality})",
+    "vanilla": "vanilla joint training (SGD)",
+    "vanilla_lr_x_gamma": "vanilla, lr x gamma_p",
+    "vanilla_best_lr": "vanilla, best lr (x{lr_mult:g}, chosen on val)",
+    "ogm_ge": "OGM-GE",
+    "udi": "UDI-style sequential",
+    "pdmp": "PDMP (SGD, gamma_p {gamma_p:g})",
+    "pdmp_best_lr": "PDMP, best lr (x{lr_mult:g}, chosen on val)",
+    "adamw": "vanilla AdamW",
+    "pdmp_adamw": "PDMP AdamW",
+}
+# one line per task for the summary (used when the task runs with its default knobs)
+TASK_LINES = {
+    "crema_d_like": "audio learns fast but its cue is right on only 55% of samples; visual learns slowly, best alone",
+    "crema_d_shortcut": "the same, but audio's cue is right on 92% of training samples and 55% of test samples",
+    "crema_d_like_nonlinear": "as crema_d_like, with a visual cue that only a nonlinear encoder can read",
+    "ave_like": "audio is both the fastest and the best modality",
+    "cefa_like": "three modalities: rgb fast but capped, depth slow but best, ir in between",
+    "digits": "scikit-learn's digits (real): pixels plus noise, and row/column sums of the image",
+}
+
+
+def _pts(x: float) -> str:
+    """A fraction as signed points with one decimal: ``0.0749`` -> ``"+7.5"``."""
+    return f"{100 * x:+.1f}"
+
+
+def _signed(d: Mapping[str, Any]) -> str:
+    """A paired difference (fractions) as ``"+7.5 ± 1.4"`` points."""
+    return f"{_pts(d['mean'])} ± {100 * d['std']:.1f}"
+
+
+def _task_line(name: str, data: Mapping[str, Any], knobs: Mapping[str, Any]) -> str:
+    if name in TASK_LINES and not knobs.get(name):
+        return TASK_LINES[name]
+    if name in MFEAT_TASKS:
+        return "UCI Multiple Features (real): views " + ", ".join(MFEAT_TASKS[name]) + " of the same handwritten digits"
+    return data["description"]
+
+
+def task_lines(name: str, data: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    """What the run printed for one task: stage 1's ranking and gammas, the methods, the premise."""
+    r = ModalityRanking.from_dict(data["ranking"])
+    cfg = results["config"]
+    m_p, m_o = r.performance_dominant, r.optimization_dominant
+    early = "" if r.early_scores is None else f" ({100 * r.early_scores[m_o]:.1f}% after epoch 1)"
+    gammas = ", ".join(f"{m} x{v:.3g}" for m, v in data["gammas"].items())
+    lines = [
+        f"{name}",
+        f"  stage 1: {m_p} ends best alone ({100 * r.final_scores[m_p]:.1f}% val), {m_o} learns fastest{early}",
+        f"    -> PDMP multiplies the encoders' gradients by: {gammas}",
+    ]
+    if m_p == m_o:
+        lines.append("    (one modality is both: every encoder gets gamma_p, a larger learning rate for the encoders)")
+    table = data["tables"].get("I", {})
+    if table:
+        n = next(iter(table.values()))["n"]
+        lines.append(f"  {f'test accuracy (%), {n} seeds':<46} {'mean ± std':<13} minus vanilla (paired)")
+        for method, s in table.items():
+            label = PRINT_LABELS[method].format(gamma_p=cfg["gamma_p"], **s)
+            d = s.get("delta_vs_vanilla")
+            shown = "" if method in ("vanilla", "best_unimodal") or d is None else _signed(d)
+            lines.append(f"    {label:<44} {100 * s['acc']:4.1f} ± {100 * s['acc_std']:.1f}    {shown}".rstrip())
+    p = data.get("premise")
+    if p:
+        d, c = p["vanilla_minus_best_unimodal"], p["checks"]["full"]
+        val = f"{-100 * c['shortfall']:+.1f}" + ("" if c["std_error"] is None else f" ± {100 * c['std_error']:.1f}")
+        lines += [
+            f"  premise (vanilla ends below the best unimodal model): {'holds' if p['holds'] else 'does not hold'}",
+            f"    vanilla minus best unimodal: {_signed(d)} on test"
+            f" (below on {p['seeds_vanilla_below']}/{d['n']} seeds); {val} (s.e.) on val,",
+            f"    where check_premise, which you can run before adopting PDMP, says {c['verdict']!r}",
+        ]
+    return lines
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """The closing summary: the tasks (one line each), the verdict per task, the lesson."""
+    rows = []
     for name, data in results["tasks"].items():
-        print("\n".join(ranking_lines(name, data)))
-        t = data["tables"].get("I", {})
-        for method, s in t.items():
-            extra = f"  lr x{s['lr_mult']:g} (chosen on val)" if s and "lr_mult" in s else ""
-            if s and "modality" in s:
-                extra = f"  modality {s['modality']} (chosen on val)"
-            d = s.get("delta_vs_vanilla") if s else None
-            if d is not None and method != "vanilla":
-                extra = f"  {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} vs vanilla (paired by seed)" + extra
-            print(f"  {METHOD_LABELS[method]:<38} acc {_pm(s)}  macro-F1 {_pm(s, 'f1')}{extra}")
-        p = data.get("premise")
-        if p:
-            d = p["vanilla_minus_best_unimodal"]
-            verdict = "HOLDS" if p["holds"] else "does not hold"
-            print(
-                f"  premise (vanilla below the best unimodal model) {verdict}: vanilla - best unimodal "
-                f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points, "
-                f"below on {p['seeds_vanilla_below']}/{d['n']} seeds"
-            )
-            dp = p.get("pdmp_minus_best_unimodal")
-            if dp is not None:
-                print(f"  PDMP - best unimodal {100 * dp['mean']:+.2f} ± {100 * dp['std']:.2f} points (paired by seed)")
-            c = p["checks"]["full"]
-            print(
-                f"  check_premise on val (what you can compute before adopting PDMP): {c['verdict']}, "
-                f"shortfall {100 * c['shortfall']:+.2f} ± {100 * (c['std_error'] or 0):.2f} points"
-            )
+        p, pdmp = data.get("premise"), data["tables"].get("I", {}).get("pdmp")
+        if p and pdmp and pdmp.get("delta_vs_vanilla"):
+            rows.append((name, data, p, pdmp["delta_vs_vanilla"]))
+    if not rows:
+        return []
+    n = rows[0][3]["n"]
+    width = max(len(name) for name, *_ in rows)
+    knobs = results["config"].get("task_knobs", {})
+    generated = not any(name == "digits" or name in MFEAT_TASKS for name, *_ in rows)
+    lines = [
+        "",
+        f"Summary: does PDMP beat vanilla joint training? (test accuracy, {n} seeds, points paired by seed)",
+        "The paper's premise: joint training ends below the best unimodal model, because a fast modality",
+        "crowds out the best one; PDMP speeds up the best modality and slows down the fast one.",
+        "Tasks (generated data):" if generated else "Tasks:",
+        *(f"  {name:<{width}}  {_task_line(name, data, knobs)}" for name, data, _, _ in rows),
+        "Verdict:",
+    ]
+    for name, _, p, gain in rows:
+        premise = "premise holds" if p["holds"] else "premise does not hold"
+        gap = _pts(p["vanilla_minus_best_unimodal"]["mean"])
+        lines.append(
+            f"  {name:<{width}}  PDMP minus vanilla: {_signed(gain)} points;"
+            f" {premise} (vanilla minus best unimodal: {gap})"
+        )
+    parts = []
+    for holds, where in ((True, "where the premise holds"), (False, "where it does not")):
+        gains = sorted(gain["mean"] for _, _, p, gain in rows if p["holds"] == holds)
+        if gains:
+            span = _pts(gains[0]) if len(gains) == 1 else f"{_pts(gains[0])} to {_pts(gains[-1])}"
+            unit = "" if parts else " points"
+            count = "" if len(rows) < 3 else f" ({len(gains)} of {len(rows)}{unit and ' tasks'})"
+            parts.append(f"{span}{unit} {where}{count}")
+    lines.append(f"Lesson: PDMP minus vanilla is {' and '.join(parts)}.")
+    pvg = results.get("premise_vs_gain")
+    if pvg and pvg.get("pearson") is not None:
+        lines.append(
+            f"Over {len(pvg['points'])} task settings the correlation of (vanilla minus best unimodal) and"
+            f" (PDMP minus vanilla) is {pvg['pearson']:+.2f}."
+        )
+    lines.append(
+        "Check the premise on your own task before adopting PDMP: ModalityRanking.check_premise"
+        " (docs/howto/will-pdmp-help.md)."
+    )
+    return lines
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_summary(results: Mapping[str, Any], files: Sequence[Path] = ()) -> None:
+    """Print one block per task, where the results are, and the closing summary (from the rounded results that
+    ``accuracy.json`` holds, so that every printed number can be found there)."""
+    for name, data in results["tasks"].items():
+        print("\n".join(task_lines(name, data, results)))
+        print()
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {why}")
-    pvg = results.get("premise_vs_gain")
-    if pvg and pvg["pearson"] is not None:
-        print(
-            f"premise vs gain over {len(pvg['points'])} points: Pearson r {pvg['pearson']:+.2f}, "
-            f"sign of the gap predicts the sign of PDMP's gain on {pvg['sign_agreement']:.0%}"
-        )
-    print(f"wall time: {results['wall_s']:.1f} s")
+    wall = f"wall time {results['wall_s']:.0f} s"
+    print(wall + ("" if not files else "; full tables and every seed: " + ", ".join(_shown(f) for f in files)))
+    print("\n".join(summary_lines(results)))
 
 
 def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[str, Any]:
@@ -1286,9 +1485,21 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     parser.add_argument("--out", help="output folder (default benchmarks/results, or results/quick with --quick)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the premise-onset sweep (full run only)")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="train nothing: redraw the plots and reprint the summary from --out's JSON",
+    )
     args = parser.parse_args(argv)
     if cfg is None:
         cfg = quick_config() if args.quick else Config()
+    if args.replot:
+        out_dir = Path(args.out or cfg.out_dir)
+        results = json.loads((out_dir / "accuracy.json").read_text())
+        files = write_plots(results, out_dir)
+        print(f"plots in {out_dir}: " + ", ".join(f.name for f in files) + "\n")
+        print_summary(results, [out_dir / "accuracy.md", out_dir / "accuracy.json"])
+        return results
     if args.task:
         unknown = [t for t in args.task if t not in TASKS]
         if unknown:
@@ -1318,12 +1529,13 @@ def main(argv: Sequence[str] | None = None, cfg: Config | None = None) -> dict[s
     results = run_benchmark(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "accuracy.json").write_text(json.dumps(_rounded(results), default=_json_default))
-    (out_dir / "accuracy.md").write_text(to_markdown(results) + "\n")
+    # what the files hold and what is printed: the same rounded numbers (a tie such as 97.175 rounds one way)
+    saved = json.loads(json.dumps(_rounded(results), default=_json_default))
+    (out_dir / "accuracy.json").write_text(json.dumps(saved))
+    (out_dir / "accuracy.md").write_text(to_markdown(saved) + "\n")
     if cfg.plots:
-        write_plots(results, out_dir)
-    print_summary(results)
-    print(f"results: {out_dir / 'accuracy.md'}, {out_dir / 'accuracy.json'}")
+        write_plots(saved, out_dir)
+    print_summary(saved, [out_dir / "accuracy.md", out_dir / "accuracy.json"])
     return results
 
 

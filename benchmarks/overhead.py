@@ -7,8 +7,9 @@ Run from the repository root::
 
 Every comparison runs its variants in one process, alternating (the order rotates every round), and reports
 the median and interquartile range of *paired* ratios (variant time / reference time within one round), which
-cancels most of the drift of a noisy, shared machine. Results: a table on stdout, ``overhead.json`` and
-``overhead.png`` in ``--out`` (default ``benchmarks/results/``).
+cancels most of the drift of a noisy, shared machine. Results: a table on stdout, ``overhead.json``,
+``overhead.md`` (every table) and ``overhead_*.png`` in ``--out`` (default ``benchmarks/results/``); ``--replot``
+redraws the last two from the JSON.
 
 Cases:
 
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -617,86 +619,272 @@ def _ms(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in values.items())
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+# Figures: one idea each, drawn at the docs column width (10 in at 100 dpi = 1000 px) with fonts of 11 pt or more.
+FIG_STYLE = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "legend.fontsize": 11,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+}
+SHORT = {"sgd": "SGD", "sgd-foreach": "SGD foreach", "adamw": "AdamW"}
+# what the ratios against the bare step are called in the figures and tables
+STEP_VARIANTS = {
+    "pdmp_lr/bare": "PDMP, lr mode",
+    "pdmp_grad/bare": "PDMP, grad mode",
+    "floor/bare": "floor: one hand-written multiply per modality",
+    "research/bare": "research-code loop over the parameters",
+}
+
+
+def _step_ratios(case: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A step case's ratios against the bare step, keyed by the mode they measure (AdamW's PDMP runs lr mode)."""
+    r = dict(case["ratios"])
+    r.setdefault(f"pdmp_{case['pdmp_mode']}/bare", r["pdmp/bare"])
+    return {key: r[key] for key in STEP_VARIANTS if key in r}
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    """The figures of the overhead page, one idea each; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10), layout="constrained")
+    written = []
+    with plt.rc_context(FIG_STYLE):
+        if results["step"]:
+            written.append(_plot_step(plt, results, out / "overhead_step.png"))
+        if results["train_step"]:
+            written.append(_plot_train_step(plt, results, out / "overhead_train_step.png"))
+        if results["scaling_params"]:
+            written.append(_plot_scaling(plt, results, out / "overhead_size.png"))
+        if results["scaling_modalities"]:
+            written.append(_plot_modalities(plt, results, out / "overhead_modalities.png"))
+    return written
 
-    def bars(ax: Any, labels: list[str], entries: list[dict[str, float]], title: str) -> None:
-        med = [e["median"] for e in entries]
-        err = [[m - e["q25"] for m, e in zip(med, entries, strict=True)],
-               [e["q75"] - m for m, e in zip(med, entries, strict=True)]]  # fmt: skip
-        ax.errorbar(med, range(len(labels)), xerr=err, fmt="o", color="tab:blue", capsize=3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.axvline(1.0, color="black", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("time ratio: median and IQR of paired ratios (1 = same time)")
-        ax.grid(axis="x", alpha=0.3)
-        ax.invert_yaxis()
 
-    labels, entries = [], []
-    short = {"sgd": "SGD", "sgd-foreach": "SGD foreach", "adamw": "AdamW"}
-    for case in results["step"]:
-        for key in ("pdmp/floor", "pdmp/bare", "pdmp_lr/bare", "research/pdmp"):
-            if key in case["ratios"]:
-                labels.append(f"{short[case['optimizer']]} ({case['pdmp_mode']}): {key}")
-                entries.append(case["ratios"][key])
-    bars(axes[0, 0], labels, entries, "1. optimizer step, ResNet-18 pair")
+def _dots(ax: Any, rows: list[tuple[str, str, dict[str, float]]], colors: dict[str, str]) -> None:
+    """Dots with IQR bars, one row per (group, variant), grouped, a legend for the variants and a line at 1."""
+    groups = list(dict.fromkeys(group for group, _, _ in rows))
+    y, centers, seen = 0.0, [], set()
+    for group in groups:
+        ys = []
+        for g, variant, r in rows:
+            if g != group:
+                continue
+            err = [[r["median"] - r["q25"]], [r["q75"] - r["median"]]]
+            label = None if variant in seen else variant
+            seen.add(variant)
+            ax.errorbar([r["median"]], [y], xerr=err, fmt="o", ms=8, capsize=4, color=colors[variant], label=label)
+            ys.append(y)
+            y += 1
+        centers.append(statistics.fmean(ys))
+        y += 0.8
+    ax.set_yticks(centers, groups)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", lw=1)
+    ax.grid(axis="x", alpha=0.3)
+    ncol = 3 if max(len(v) for v in seen) < 20 else 2
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
 
-    ax = axes[0, 1]
-    xs = [c["n_params"] for c in results["scaling_params"]]
-    for key, color in (("pdmp/floor", "tab:blue"), ("pdmp/bare", "tab:orange"), ("floor/bare", "tab:green")):
-        rs = [c["ratios"][key] for c in results["scaling_params"]]
-        ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=key, color=color)
-    ax.axhline(1.0, color="black", lw=1)
-    if xs:
-        ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("time ratio")
-    ax.set_title("2. scaling with parameter count (SGD momentum, foreach)", fontsize=10)
-    ax.legend(fontsize=8)
 
-    ax = axes[1, 0]
-    xs = [c["modalities"] for c in results["scaling_modalities"]]
-    for key, color in (("pdmp/floor", "tab:blue"), ("pdmp/bare", "tab:orange"), ("pdmp_distinct/bare", "tab:red")):
-        rs = [c["ratios"][key] for c in results["scaling_modalities"]]
-        ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, label=key, color=color)
-    ax.axhline(1.0, color="black", lw=1)
-    ax.set_xlabel("modalities (fixed total size)")
-    ax.set_ylabel("time ratio")
-    ax.set_title("3. scaling with modality count", fontsize=10)
-    ax.legend(fontsize=8)
-
-    labels, entries = [], []
-    for case in results["train_step"]:
-        for key in ("grad/unmodulated", "lr/unmodulated", "hook/unmodulated"):
-            labels.append(f"{case['model'].split(',')[0]}: {key}")
-            entries.append(case["ratios"][key])
-    bars(axes[1, 1], labels, entries, "4. whole training step (SGD momentum) vs unmodulated")
-
-    meta = results["meta"]
-    fig.suptitle(
-        f"pdmp-optim overhead, torch {meta['torch']}, {meta['cpu_threads']} CPU threads, "
-        f"load {meta['loadavg_start']} -> {meta['loadavg_end']} (shared, noisy machine)",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=110)
+def _plot_step(plt: Any, results: dict[str, Any], path: Path) -> Path:
+    rows = [(SHORT[c["optimizer"]], STEP_VARIANTS[k], r) for c in results["step"] for k, r in _step_ratios(c).items()]
+    colors = dict(zip(STEP_VARIANTS.values(), ("tab:green", "tab:blue", "tab:grey", "tab:red"), strict=True))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    _dots(ax, rows, colors)
+    ax.set_xlabel("time of the step / time of the bare optimizer's step")
+    n = results["step"][0]["n_params"] / 1e6
+    ax.set_title(f"One optimizer step, two ResNet-18 encoders ({n:.1f}M parameters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def _plot_train_step(plt: Any, results: dict[str, Any], path: Path) -> Path:
+    names = {"lr/unmodulated": "lr mode", "grad/unmodulated": "grad mode", "hook/unmodulated": "backward hooks"}
+    rows = [(c["model"].split(",")[0], names[k], c["ratios"][k]) for c in results["train_step"] for k in names]
+    colors = dict(zip(names.values(), ("tab:green", "tab:blue", "tab:purple"), strict=True))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    _dots(ax, rows, colors)
+    ax.set_xlabel("time of the training step / time of the unmodulated one")
+    ax.set_title("A whole training step: forward, backward, SGD momentum step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _lines(ax: Any, xs: list[float], cases: list[dict[str, Any]], keys: dict[str, tuple[str, str]]) -> None:
+    for key, (label, color) in keys.items():
+        if all(key in c["ratios"] for c in cases):
+            rs = [c["ratios"][key] for c in cases]
+            ax.errorbar(xs, [r["median"] for r in rs], yerr=_yerr(rs), marker="o", capsize=3, lw=2, label=label,
+                        color=color)  # fmt: skip
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_ylabel("time / bare optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _plot_scaling(plt: Any, results: dict[str, Any], path: Path) -> Path:
+    cases = results["scaling_params"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    keys = {
+        "pdmp/bare": ("PDMP, grad mode", "tab:blue"),
+        "floor/bare": ("floor: one hand-written multiply per modality", "tab:grey"),
+        "pdmp_lr/bare": ("PDMP, lr mode", "tab:green"),
+    }
+    _lines(ax, [c["n_params"] / 1e6 for c in cases], cases, keys)
+    ax.set_xscale("log")
+    ax.set_xticks([1, 3, 10, 30, 100], ["1", "3", "10", "30", "100"])
+    ax.set_xlabel("parameters (millions; two ResNet-18 trunks of growing width)")
+    ax.set_title("One SGD momentum step at growing model size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_modalities(plt: Any, results: dict[str, Any], path: Path) -> Path:
+    cases = results["scaling_modalities"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    keys = {
+        "pdmp/bare": ("PDMP, grad mode (the paper's rule: 2 coefficients)", "tab:blue"),
+        "pdmp_distinct/bare": ("PDMP, grad mode, one coefficient per modality", "tab:orange"),
+    }
+    _lines(ax, [c["modalities"] for c in cases], cases, keys)
+    ax.set_xlabel("modalities (fixed total size)")
+    ax.set_title("One SGD momentum step, the same total size split over M modalities")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _yerr(rs: list[dict[str, float]]) -> list[list[float]]:
     return [[r["median"] - r["q25"] for r in rs], [r["q75"] - r["median"] for r in rs]]
 
 
+# ------------------------------------------------------------------------------------------ markdown tables
+def _cell(r: dict[str, float] | None, iqr: bool = False) -> str:
+    if r is None:
+        return ""
+    return f"{r['median']:.2f}" + (f" [{r['q25']:.2f}, {r['q75']:.2f}]" if iqr else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def summary_tables(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The page's tables (narrow: short headers, medians of the paired ratios), by section name."""
+    out: dict[str, list[str]] = {}
+    if results["step"]:
+        rows = []
+        for c in results["step"]:
+            r = _step_ratios(c)
+            rows.append([SHORT[c["optimizer"]], f"{c['median_ms']['bare']:.0f}",
+                         *(_cell(r.get(k)) for k in STEP_VARIANTS)])  # fmt: skip
+        out["step"] = _table(["optimizer", "bare ms", "lr mode", "grad mode", "floor", "research loop"], rows)
+    if results["train_step"]:
+        rows = [
+            [c["model"].split(",")[0], f"{c['median_ms']['unmodulated']:.0f}",
+             *(_cell(c["ratios"][k]) for k in ("lr/unmodulated", "grad/unmodulated", "hook/unmodulated"))]
+            for c in results["train_step"]
+        ]  # fmt: skip
+        out["train_step"] = _table(["model", "plain ms", "lr mode", "grad mode", "hooks"], rows)
+    cost = results.get("hook_cost")
+    if cost:
+        a = cost["added_us"]
+        rows = [[f"{a[k]['median']:+.0f} [{a[k]['q25']:+.0f}, {a[k]['q75']:+.0f}]" for k in
+                 ("lr-unmodulated", "grad-unmodulated", "hook-unmodulated")]]  # fmt: skip
+        out["fixed_cost"] = _table(["lr mode, us", "grad mode, us", "hooks, us"], rows)
+    comp = results.get("compile", {})
+    if comp.get("cases"):
+        rows = []
+        for c in comp["cases"]:
+            if c.get("status") != "ok":
+                continue
+            for mode in ("lr", "grad"):
+                if f"compiled_{mode}/compiled_bare" in c["ratios"]:
+                    g = c["counts"][mode]
+                    rows.append([SHORT[c["optimizer"]], mode, f"{g['graphs']}, {g['graph_breaks']}",
+                                 _cell(c["ratios"][f"compiled_{mode}/compiled_bare"]),
+                                 _cell(c["ratios"][f"eager_{mode}/eager_bare"])])  # fmt: skip
+        out["compile"] = _table(["optimizer", "mode", "graphs, breaks", "compiled", "eager"], rows)
+    return out
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> Path:
+    """Every table of a run as markdown: the page's tables first, then the full ones (what ``overhead.md`` holds)."""
+    meta = results["meta"]
+    lines = [
+        "# Overhead benchmark results",
+        "",
+        f"`{meta['command']}`, {meta['date']}: torch {meta['torch']}, Python {meta['python']}, {meta['device']}"
+        f" ({meta['cpu_count']} cores, {meta['cpu_threads']} thread(s) used), load average {meta['loadavg_start']}"
+        f" at the start and {meta.get('loadavg_end')} at the end, {meta.get('duration_s')} s. {meta['caveat']}",
+        "",
+        "A ratio is the median of the per-round ratios (variant time / reference time, variants alternating in one"
+        " process); in brackets, their interquartile range; `min`: the ratio of the two fastest samples.",
+        "",
+    ]
+    titles = {
+        "step": "One optimizer step / the bare step (two ResNet-18 encoders)",
+        "train_step": "A whole training step / the unmodulated one (SGD momentum)",
+        "fixed_cost": f"Time added per training step, {(results.get('hook_cost') or {}).get('model', '')}",
+        "compile": "torch.compile: PDMP / bare, compiled and eager",
+    }
+    for key, table in summary_tables(results).items():
+        lines += [f"## {titles[key]}", "", *table, ""]
+    lines += ["## Every ratio, per section", ""]
+    for case in results["step"]:
+        lines += [f"### Optimizer step: {case['label']}", "", f"PDMP mode {case['pdmp_mode']!r}, "
+                  f"{case['n_params'] / 1e6:.1f}M parameters in {case['n_tensors']} tensors; median ms: "
+                  f"{_ms(case['median_ms'])}.", ""]  # fmt: skip
+        lines += _table(["ratio", "median [q25, q75] min"], [[f"`{k}`", fmt(r)] for k, r in case["ratios"].items()])
+        lines.append("")
+    if results["scaling_params"]:
+        lines += ["### Model size (SGD momentum, foreach)", ""]
+        keys = [k for k in ("pdmp/floor", "pdmp/bare", "floor/bare", "pdmp_lr/bare")
+                if all(k in c["ratios"] for c in results["scaling_params"])]  # fmt: skip
+        rows = [[f"{c['n_params'] / 1e6:.1f}M", f"{c['median_ms']['bare']:.1f}",
+                 *(_cell(c["ratios"][k], True) for k in keys)] for c in results["scaling_params"]]  # fmt: skip
+        lines += [*_table(["parameters", "bare ms", *(f"`{k}`" for k in keys)], rows), ""]
+    if results["scaling_modalities"]:
+        lines += ["### Number of modalities (SGD momentum, foreach, fixed total size)", ""]
+        keys = ["pdmp/floor", "pdmp/bare", "pdmp_distinct/bare", "floor/bare"]
+        rows = [[str(c["modalities"]), str(c["pdmp_buckets"]), *(_cell(c["ratios"].get(k), True) for k in keys)]
+                for c in results["scaling_modalities"]]  # fmt: skip
+        lines += [*_table(["M", "PDMP buckets", *(f"`{k}`" for k in keys)], rows), ""]
+    for case in results["train_step"]:
+        lines += [f"### Training step: {case['model']}", "", f"{case['n_params'] / 1e6:.2f}M parameters, batch "
+                  f"{case['batch']}; median ms: {_ms(case['median_ms'])}.", ""]  # fmt: skip
+        lines += _table(["ratio", "median [q25, q75] min"], [[f"`{k}`", fmt(r)] for k, r in case["ratios"].items()])
+        lines.append("")
+    for case in results.get("compile", {}).get("cases", []):
+        if case.get("status") != "ok":
+            continue
+        lines += [f"### torch.compile: {case['label']}", "", f"Recompiles after warm-up: "
+                  f"{case['recompiles_after_warmup']}; median ms: {_ms(case['median_ms'])}.", ""]  # fmt: skip
+        lines += _table(["ratio", "median [q25, q75] min"], [[f"`{k}`", fmt(r)] for k, r in case["ratios"].items()])
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few rounds, no compile")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for overhead.json/.png")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--replot", action="store_true", help="only redraw overhead.png from --out's overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for overhead.json, .md and PNGs")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    parser.add_argument(
+        "--replot", action="store_true", help="measure nothing: redraw the PNGs and overhead.md from --out's JSON"
+    )
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile comparison")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)"
@@ -716,8 +904,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"meta": {"device": args.device, "skipped": "no CUDA device"}}
     if args.replot:
         results = json.loads((args.out / "overhead.json").read_text())
-        plot(results, args.out / "overhead.png")
+        files = [*plot(results, args.out), write_markdown(results, args.out / "overhead.md")]
         print_table(results)
+        print("\nwrote " + ", ".join(str(f) for f in files))
         return results
 
     torch.manual_seed(0)
@@ -767,10 +956,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    files = [args.out / "overhead.json", write_markdown(results, args.out / "overhead.md")]
     if not args.no_plot:
-        plot(results, args.out / "overhead.png")
+        files += plot(results, args.out)
     print_table(results)
-    print(f"\nwrote {args.out / 'overhead.json'}" + ("" if args.no_plot else f" and {args.out / 'overhead.png'}"))
+    print("\nwrote " + ", ".join(str(f) for f in files))
     return results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,12 +28,14 @@ from benchmarks.accuracy import (  # noqa: E402
     main,
     modality_analysis,
     premise_points,
+    print_summary,
     quick_config,
     run_benchmark,
     train_run,
 )
 from benchmarks.baselines import OGMGE, ogm_coefficients, ogm_scores, udi_train  # noqa: E402
 from benchmarks.data import MFEAT_INSTALL, MFEAT_TASKS, TASKS, DatasetMissing, make_task, mfeat, mfeat_dir  # noqa: E402
+from pdmp_optim import ModalityRanking  # noqa: E402
 
 SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
 
@@ -262,11 +265,81 @@ def test_micro_end_to_end_run_writes_valid_json_markdown_and_plots(tmp_path, cap
     assert len(run["val_acc"]) == 2 and len(run["w"]) == 2 and all(w > 0 for w in run["w"])
     assert "Table I" in (tmp_path / "accuracy.md").read_text() and "premise" in (tmp_path / "accuracy.md").read_text()
     assert table["pdmp"]["delta_vs_vanilla"]["n"] == 2 and table["vanilla_best_lr"]["delta_vs_vanilla"] is not None
-    for png in ("w_ratio.png", "gamma_sweep_crema_d_like.png", "lr_control_crema_d_like.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    pngs = ("w_ratio_crema_d_like.png", "w_ratio_cefa_like.png", "gamma_sweep.png", "lr_control_crema_d_like.png")
+    for png in pngs:
+        assert png_width(tmp_path / png) == 1000  # drawn at the docs column width
     out = capsys.readouterr().out
-    assert "performance-dominant" in out and "gammas" in out and "PDMP" in out and "Best unimodal" in out
-    assert "premise (vanilla below the best unimodal model)" in out
+    assert_summary_matches(out, data)
+    # --replot trains nothing: it redraws the figures and prints the same summary from the saved JSON
+    for png in pngs:
+        (tmp_path / png).unlink()
+    main(["--replot", "--out", str(tmp_path)], cfg=cfg)
+    replot = capsys.readouterr().out
+    assert replot.split("\n", 2)[2] == out and replot.startswith(f"plots in {tmp_path}: w_ratio_crema_d_like.png")
+    assert all(png_width(tmp_path / png) == 1000 for png in pngs)
+
+
+def png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
+
+
+VERDICT = re.compile(
+    r"^  (\S+) +PDMP minus vanilla: ([+-]\d+\.\d) ± (\d+\.\d) points; premise (holds|does not hold)"
+    r" \(vanilla minus best unimodal: ([+-]\d+\.\d)\)$",
+    re.M,
+)
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def assert_summary_matches(out: str, data: dict) -> None:
+    """The printed summary ends the output, and every number in it is the JSON's, with one sign per quantity."""
+    summary = out[out.index("\nSummary: does PDMP beat vanilla joint training?") :]
+    assert summary.rstrip().endswith("(docs/howto/will-pdmp-help.md).")
+    verdicts = {m[0]: m[1:] for m in VERDICT.findall(summary)}
+    assert list(verdicts) == list(data["tasks"])  # one verdict per task, in order
+    for name, (gain, std, premise, gap) in verdicts.items():
+        task = data["tasks"][name]
+        d, p = task["tables"]["I"]["pdmp"]["delta_vs_vanilla"], task["premise"]
+        assert (gain, std) == (pts(d["mean"]), f"{100 * d['std']:.1f}")
+        assert gap == pts(p["vanilla_minus_best_unimodal"]["mean"])
+        assert (premise == "holds") == p["holds"] == (p["vanilla_minus_best_unimodal"]["mean"] < 0)
+        assert re.search(rf"^  {name}  +\S.*$", summary[: summary.index("Verdict:")], re.M)  # the task in one line
+        block = out[("\n" + out).index(f"\n{name}\n") :]
+        assert re.search(rf"^    PDMP \(SGD, gamma_p 15\) +[\d.]+ ± [\d.]+ +{re.escape(gain)} ± {std}$", block, re.M)
+        assert f"vanilla minus best unimodal: {gap} ± " in block.split("\n\n")[0]
+    # the lesson: the range of PDMP minus vanilla where the premise holds, and where it does not
+    lesson = re.search(r"^Lesson: PDMP minus vanilla is (.*)\.$", summary, re.M)
+    assert lesson is not None
+    for holds, where in ((True, "where the premise holds"), (False, "where it does not")):
+        gains = sorted((float(g) for g, _, premise, _ in verdicts.values() if (premise == "holds") == holds))
+        if gains:
+            span = f"{gains[0]:+.1f}" if len(gains) == 1 else f"{gains[0]:+.1f} to {gains[-1]:+.1f}"
+            assert re.search(rf"{re.escape(span)}( points)? {where}", lesson[1]), (span, lesson[1])
+    # one direction per difference: "<method> minus vanilla" and "vanilla minus best unimodal", nothing else
+    assert set(re.findall(r"(\w+) minus (\w+)", out)) <= {("PDMP", "vanilla"), ("vanilla", "best")}
+    assert "vs vanilla" not in out and "shortfall" not in out
+
+
+def test_summary_of_the_published_results_matches_their_json(capsys) -> None:
+    # the full benchmark's saved results, summarised again: ten tasks, the lesson and the premise-gain correlation
+    data = json.loads((Path(ROOT) / "benchmarks" / "results" / "accuracy.json").read_text())
+    print_summary(data)
+    out = capsys.readouterr().out
+    assert_summary_matches(out, data)
+    holds = [
+        t["tables"]["I"]["pdmp"]["delta_vs_vanilla"]["mean"] for t in data["tasks"].values() if t["premise"]["holds"]
+    ]
+    assert len(holds) == 3 and f"{pts(min(holds))} to {pts(max(holds))} points where the premise holds" in out
+    assert f"is {data['premise_vs_gain']['pearson']:+.2f}." in out and "Tasks (generated data)" not in out
+    # the tasks whose best modality is also the fastest say what the rule then does
+    rankings = [ModalityRanking.from_dict(t["ranking"]) for t in data["tasks"].values()]
+    same = [r for r in rankings if r.performance_dominant == r.optimization_dominant]
+    assert len(same) == out.count("every encoder gets gamma_p") == 4
 
 
 def test_knob_flag_reaches_the_generator_and_bad_flags_are_rejected(tmp_path) -> None:
@@ -403,7 +476,11 @@ def test_sweep_premise_checks_and_premise_vs_gain_in_a_micro_run(tmp_path) -> No
     text = (tmp_path / "accuracy.md").read_text()
     for heading in ("Premise onset", "Does the premise predict", "Does stage 1 on a subset predict"):
         assert heading in text
-    assert (tmp_path / "premise_vs_gain.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        png_width(tmp_path / "premise_vs_gain.png")
+        == png_width(tmp_path / "premise_onset_crema_d_shortcut.png")
+        == 1000
+    )
     # the user's own knob wins: a sweep over a knob set in task_knobs does not run
     knobbed = main(["--knob", "train_coverage=0.9", "--no-plots"], cfg=replace(cfg, tables=("I",)))
     assert knobbed["sweeps"] == {}

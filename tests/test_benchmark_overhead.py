@@ -14,6 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
 
 
+FIGURES = ("overhead_step.png", "overhead_train_step.png", "overhead_size.png", "overhead_modalities.png")
+
+
+def png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
+
+
 def ratios_in(node: object) -> list[float]:
     """Every ratio median/q25/q75 found anywhere under a ``"ratios"`` key."""
     found: list[float] = []
@@ -55,7 +64,10 @@ def test_quick_run_writes_json_png_and_a_table(quick_results: tuple[dict, Path, 
         "hook_cost",
         "compile",
     }
-    assert (out / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in FIGURES:
+        assert png_width(out / name) == 1000  # drawn at the docs column width
+    markdown = (out / "overhead.md").read_text()
+    assert "| optimizer | bare ms | lr mode | grad mode | floor | research loop |" in markdown
     assert "pdmp/floor" in stdout and "shared, noisy machine" in stdout
     meta = results["meta"]
     assert meta["quick"] is True and meta["command"] == "python benchmarks/overhead.py --quick"
@@ -105,3 +117,30 @@ def test_device_cuda_without_a_gpu_says_so_and_measures_nothing(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA device here" in proc.stdout
     assert not (tmp_path / "overhead.json").exists()
+
+
+def test_replot_redraws_from_the_json_and_the_docs_page_shows_its_tables(tmp_path: Path) -> None:
+    # --replot measures nothing: figures and overhead.md come from the saved JSON, and the docs page's tables are
+    # the ones it writes from benchmarks/results/overhead.json (after a new run: copy them from overhead.md)
+    saved = ROOT / "benchmarks" / "results" / "overhead.json"
+    (tmp_path / "overhead.json").write_text(saved.read_text())
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--replot", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(png_width(tmp_path / name) == 1000 for name in FIGURES)
+    markdown = (tmp_path / "overhead.md").read_text()
+    page = (ROOT / "docs" / "benchmarks" / "overhead.md").read_text()
+    tables = [block for block in markdown.split("\n\n") if block.startswith("| ")]
+    assert len(tables) > 10
+    for table in tables[:4]:  # the step, training-step, fixed-cost and compile tables
+        assert table in page, f"docs/benchmarks/overhead.md lacks this table of the saved results:\n{table}"
+    assert (ROOT / "benchmarks" / "results" / "overhead.md").read_text() == markdown
+    results = json.loads(saved.read_text())
+    sgd = next(case for case in results["step"] if case["optimizer"] == "sgd")
+    row = f"| SGD | {sgd['median_ms']['bare']:.0f} | {sgd['ratios']['pdmp_lr/bare']['median']:.2f} |"
+    assert row in tables[0]
