@@ -88,7 +88,10 @@ def momentum_to_standard(state_dict: dict[str, Any]) -> None:
 
 
 def momentum_to_internal(state_dict: dict[str, Any], live: Sequence[dict[str, Any]]) -> None:
-    """The inverse, on a state dict in the layout of the ``live`` groups, before torch's ``load_state_dict``."""
+    """The inverse, on a state dict in the layout of the ``live`` groups, before torch's ``load_state_dict`` (new
+    entries and groups: the caller's dict is left as it was)."""
+    state_dict["state"] = dict(state_dict["state"])
+    state_dict["param_groups"] = [dict(group) for group in state_dict["param_groups"]]
     for group, live_group in zip(state_dict["param_groups"], live, strict=False):  # (torch checks the sizes)
         scale, gamma = group.get(UNITS, 1.0), group.get("pdmp_gamma", 1.0)
         for index, p in zip(group["params"] if scale != gamma else (), live_group["params"], strict=False):
@@ -97,3 +100,11 @@ def momentum_to_internal(state_dict: dict[str, Any], live: Sequence[dict[str, An
                 buffer = entry["momentum_buffer"].double() * scale / gamma
                 state_dict["state"][index] = {**entry, "momentum_buffer": buffer.to(p.dtype)}
         group[UNITS] = gamma
+
+
+def rescale_momentum(state: Any, params: Sequence[Tensor], factor: float) -> None:
+    """Multiply the SGD momentum buffers of ``params`` by ``factor`` (new tensors: a saved state dict keeps its own)."""
+    entries = [s for s in map(state.get, params) if s and s.get("momentum_buffer") is not None]
+    buffers = torch._foreach_mul([s["momentum_buffer"] for s in entries], factor) if entries else []
+    for entry, buffer in zip(entries, buffers, strict=True):
+        entry["momentum_buffer"] = buffer

@@ -14,7 +14,8 @@ there, which is all a checkpoint of the unsplit optimizer needs to be loaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -66,6 +67,22 @@ def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
     return membership
 
 
+def live_membership(groups: Mapping[str, Any] | None, known: Mapping[Tensor, str]) -> Callable[[], dict[Tensor, str]]:
+    """A function giving ``{parameter: modality}``: ``known`` (from :func:`modality_of`) and the parameters the modules
+    of ``groups`` hold when it is called (a module extended since counts). All held weakly: a pickled or copied
+    optimizer does not carry the model."""
+    fixed = [(weakref.ref(p), m) for p, m in known.items()]
+    modules = [(weakref.ref(s), m) for m, s in (groups or {}).items() if isinstance(s, nn.Module)]
+
+    def now() -> dict[Tensor, str]:
+        out = {p: m for ref, m in fixed if (p := ref()) is not None}
+        for ref, m in modules:
+            out.update(dict.fromkeys(module.parameters() if (module := ref()) is not None else (), m))
+        return out
+
+    return now
+
+
 def split_group(group: dict[str, Any], modalities: Sequence[str | None]) -> list[tuple[str | None, dict[str, Any]]]:
     """``group`` as one group per modality (``modalities[i]`` is that of ``group["params"][i]``), paired with it; the
     group itself when it holds a single modality. Nothing is changed in place."""
@@ -102,6 +119,8 @@ def in_live_layout(
                     f"has {group['modality']!r}; build PDMPOptimizer with the groups= it was saved with"
                 )
         return loaded
+    if any(not isinstance(g, Mapping) or "params" not in g for g in saved):
+        raise ValueError("the checkpoint's param_groups are not an optimizer's (each needs a 'params' list)")
     if config is not None and (not isinstance(config, Mapping) or config.get("format") != 2):
         raise ValueError(
             "the checkpoint's 'pdmp' entry is not one pdmp-optim 0.2.0 wrote; load only the inner optimizer's "

@@ -53,7 +53,7 @@ def _before_accumulation(ref: weakref.ref[ScaleMark], grad: Tensor) -> None:
         raise RuntimeError(
             "backward is adding to gradients that scale_grads_() already scaled, which would leave them half scaled; "
             "call scale_grads_() once per step, after the last backward (after gradient accumulation), or zero the "
-            "gradients first"
+            "gradients first (torch.autograd.grad on the parameters, too, belongs before scale_grads_())"
         )
     mark.params = set()  # (its hooks go at the next add or clear, not while backward runs them)
 

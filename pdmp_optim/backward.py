@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from ._checks import check_gammas, check_name, takes_encoders
@@ -86,7 +86,7 @@ class EncoderGradScaling:
         _check_groups(groups, fixed)
         self._gammas = fixed
         self._warned_upstream = False
-        self._params = {p for encoder in groups.values() for p in encoder.parameters() if p.requires_grad}
+        self._params = {p for encoder in groups.values() for p in encoder.parameters()}  # (frozen ones may thaw)
         self._handles: list[RemovableHandle] = []
         claim(self, "hooks")
         self._handles = [encoder.register_forward_hook(self._forward_hook(m)) for m, encoder in groups.items()]
@@ -125,13 +125,10 @@ class EncoderGradScaling:
         return f"EncoderGradScaling({'active' if self.active else 'removed'}, gammas={self.gammas})"
 
     def _forward_hook(self, modality: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if not torch.is_grad_enabled():
-                return
+                return None
             gamma = self._gammas[modality]
-            for tensor in _tensors(output, modality):
-                if gamma != 1.0 and tensor.requires_grad:
-                    tensor.register_hook(lambda grad: grad * gamma)
             if not self._warned_upstream and any(
                 t.requires_grad for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)
             ):
@@ -143,6 +140,9 @@ class EncoderGradScaling:
                     UserWarning,
                     stacklevel=1,
                 )
+            # each returned tensor becomes a node of its own that scales its gradient, so that a path through two of
+            # them (an output computed from another, such as Hugging Face's pooler_output) is scaled once
+            return tree_map(lambda leaf: _scaled(leaf, gamma, modality), output)
 
         return hook
 
@@ -246,13 +246,26 @@ def _check_disjoint(encoders: Mapping[str, nn.Module]) -> None:
                 )
 
 
-def _tensors(value: Any, modality: str) -> list[Tensor]:
-    """The tensors in an encoder's output or inputs (nested tuples, lists, dicts, Hugging Face outputs)."""
-    leaves = tree_flatten(value)[0]
-    odd = [leaf for leaf in leaves if not isinstance(leaf, (Tensor, bool, int, float, str, type(None)))]
-    if odd:
-        raise TypeError(
-            f"encoder {modality!r} returned a {type(odd[0]).__name__}; scale_encoder_grads handles tensors and "
-            "tuples/lists/dicts of tensors; hook the submodule that returns the representation tensor instead"
-        )
-    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+class _ScaleGrad(torch.autograd.Function):
+    """The identity (a copy, so that in-place ops on it downstream are safe) whose gradient is multiplied by gamma."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gamma: float) -> Tensor:
+        ctx.gamma = gamma
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.gamma, None
+
+
+def _scaled(leaf: Any, gamma: float, modality: str) -> Any:
+    """A leaf of an encoder's output, its gradient multiplied by ``gamma`` if it is a tensor that requires grad."""
+    if isinstance(leaf, Tensor):
+        return _ScaleGrad.apply(leaf, gamma) if leaf.requires_grad and gamma != 1.0 else leaf
+    if leaf is None or isinstance(leaf, (bool, int, float, str)):
+        return leaf
+    raise TypeError(
+        f"encoder {modality!r} returned a {type(leaf).__name__}; scale_encoder_grads handles tensors and "
+        "tuples/lists/dicts of tensors; hook the submodule that returns the representation tensor instead"
+    )

@@ -106,7 +106,10 @@ def resolve_mode(optimizer: Optimizer, mode: str) -> tuple[Literal["grad", "lr",
         raise ValueError(_NO_MODE)
     if mode == "lr" and not has_lr:
         raise ValueError(f"mode='lr' scales each group's 'lr', but {name} has none; use mode='grad' or 'update'")
-    gradient_linear = type(base) in _GRADIENT_LINEAR
+    gradient_linear = type(base) in _GRADIENT_LINEAR and not optimizer.defaults.get("differentiable")
+    if mode == "grad" and optimizer.defaults.get("differentiable"):
+        raise ValueError("mode='grad' multiplies gradients in place, out of autograd's sight, so with "
+                         "differentiable=True the hypergradient misses gamma; use mode='lr' (or 'auto')")  # fmt: skip
     additive = _ADDITIVE.get(_qualified(type(base)))
     if mode == "auto":
         if _qualified(type(base)) in _NO_MODE_KNOWN:

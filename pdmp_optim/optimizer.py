@@ -24,10 +24,18 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
-from ._apply import UNITS, momentum_to_internal, momentum_to_standard, multiply_grads_, multiply_updates_, snapshot
-from ._checks import check_gammas
+from ._apply import (
+    UNITS,
+    momentum_to_internal,
+    momentum_to_standard,
+    multiply_grads_,
+    multiply_updates_,
+    rescale_momentum,
+    snapshot,
+)
+from ._checks import check_gammas, check_name
 from ._exclusive import claim
-from ._groups import GAMMA, GroupSpec, in_live_layout, modality_of, split_group
+from ._groups import GAMMA, GroupSpec, in_live_layout, live_membership, modality_of, split_group
 from ._mark import ScaleMark
 from .coefficients import resolve_gammas
 from .modes import Mode, compensates_decay, resolve_mode
@@ -122,12 +130,17 @@ class PDMPOptimizer(Optimizer):
             )
         self._optimizer = optimizer
         self._mode, self._mode_reason = resolve_mode(optimizer, mode)
-        self._modality_of = modality_of(optimizer, groups)  # where a parameter goes whenever it enters
-        modalities = list(dict.fromkeys(self._modality_of.values()))
+        known = modality_of(optimizer, groups)  # (checks groups)
+        self._members = live_membership(groups, known)  # where a parameter goes whenever it enters
+        modalities = list(dict.fromkeys(known.values()))
         self._gammas = resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
         self._sgd_units = self._mode == "lr" and type(optimizer) is torch.optim.SGD
         self._mark = ScaleMark()
         self._init_hooks()  # (Optimizer.__init__ would rebuild the param groups)
+        for group in optimizer.param_groups:  # groups an earlier wrapper tagged: this one's arguments decide
+            group.pop(GAMMA, None)
+            if not self._sgd_units and group.get(UNITS, 1.0) != 1.0:
+                rescale_momentum(self.state, group["params"], group.pop(UNITS))  # to standard units
         self._adopt()
         claim(self, "optimizer")
 
@@ -300,10 +313,12 @@ class PDMPOptimizer(Optimizer):
             raise RuntimeError(
                 "cannot copy or pickle the optimizer between scale_grads_() and step(); copy after step()"
             )
-        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_mark", *_HOOK_DICTS)}
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_mark", "_members", *_HOOK_DICTS)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _mark=ScaleMark())
+        tagged = {p: g["modality"] for g in self.param_groups if g.get("modality") for p in g["params"]}
+        self._members = live_membership(None, tagged)  # a copy knows its modalities from its groups
         self._init_hooks()
         claim(self, "optimizer")
 
@@ -328,10 +343,12 @@ class PDMPOptimizer(Optimizer):
         coefficients the groups hold (a loaded checkpoint's) are those new groups of their modality get."""
         groups = self.param_groups
         for group in groups:
-            if group.get("modality") in self._gammas and GAMMA in group:
+            if group.get("modality") is not None and GAMMA in group:
+                self._check_tag(group["modality"])
                 self._gammas[group["modality"]] = group[GAMMA]
-        pending = [(i, split_group(g, [self._modality_in(g, p) for p in g["params"]])) for i, g in enumerate(groups)
-                   if GAMMA not in g]  # fmt: skip
+        pending = [(i, g) for i, g in enumerate(groups) if GAMMA not in g or "modality" not in g]
+        members = self._members() if pending else {}
+        pending = [(i, split_group(g, [self._modality_in(g, p, members) for p in g["params"]])) for i, g in pending]
         for index, parts in pending:
             self._check_splittable(groups[index], len(parts) > 1)
         for index, parts in reversed(pending):
@@ -355,17 +372,25 @@ class PDMPOptimizer(Optimizer):
             why += "; build it with one param group per modality"
         if why and split:
             raise ValueError(f"a param group mixes modalities, so PDMP must split it (one per modality), but {why}")
-        if self._sgd_units and any(self.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
+        momentum = any(self.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"])
+        if self._sgd_units and UNITS not in group and momentum:
             raise ValueError(
                 "in SGD 'lr' mode PDMP keeps the momentum in 1/gamma units, and a param group without PDMP's keys "
                 "does not say in which units its momentum is; assign groups taken from opt.param_groups, load "
                 "checkpoints with opt.load_state_dict(...), or use mode='grad'"
             )
 
-    def _modality_in(self, group: dict[str, Any], p: Tensor) -> str | None:
-        tag, modality = group.get("modality"), self._modality_of.get(p)
-        if tag is not None and tag not in self._gammas:
-            raise ValueError(f"param group modality {tag!r} is unknown; use one of {list(self._gammas)} or None")
+    def _check_tag(self, tag: Any) -> None:
+        if check_name(tag) not in self._gammas:
+            raise ValueError(
+                f"param group modality {tag!r} is unknown; use one of {list(self._gammas)} or None (a checkpoint made "
+                "for other groups=? load checkpoints with opt.load_state_dict(...), which checks them)"
+            )
+
+    def _modality_in(self, group: dict[str, Any], p: Tensor, members: Mapping[Tensor, str]) -> str | None:
+        tag, modality = group.get("modality"), members.get(p)
+        if tag is not None:
+            self._check_tag(tag)
         if tag is not None and modality not in (None, tag):
             raise ValueError(
                 f"a param group is tagged modality={tag!r}, but groups= gives its parameter of shape "
@@ -401,7 +426,7 @@ class PDMPOptimizer(Optimizer):
 
     def scaled_params(self) -> set[Tensor]:
         """The parameters whose gradients this optimizer may scale (those of its modalities)."""
-        return {p for g in self.param_groups if g.get("modality") for p in g["params"]} | set(self._modality_of)
+        return {p for g in self.param_groups if g.get("modality") for p in g["params"]} | set(self._members())
 
     def _lr_step(self, closure: Callable[[], Any] | None) -> Any:
         """lr x gamma, and weight decay / gamma where that keeps the promise, for the step; the originals put back."""
@@ -429,10 +454,7 @@ class PDMPOptimizer(Optimizer):
         for group in self.param_groups if self._sgd_units else ():
             now, wanted = group.get(UNITS, 1.0), group[GAMMA]
             if now != wanted:
-                states = [s for s in map(self.state.get, group["params"]) if s and s.get("momentum_buffer") is not None]
-                buffers = torch._foreach_mul([s["momentum_buffer"] for s in states], now / wanted) if states else []
-                for state, buffer in zip(states, buffers, strict=True):
-                    state["momentum_buffer"] = buffer
+                rescale_momentum(self.state, group["params"], now / wanted)
                 group[UNITS] = wanted
 
     def _inner_step(self, closure: Callable[[], Any] | None) -> Any:

@@ -561,3 +561,70 @@ def test_output_modified_in_place_downstream_is_still_scaled() -> None:
     with scale_encoder_grads({"audio": enc}, {"audio": 4.0}):
         loss(enc).backward()
     assert all(torch.equal(p.grad, 4.0 * q.grad) for p, q in zip(enc.parameters(), ref.parameters(), strict=True))
+
+
+class Derived(nn.Module):
+    """An encoder returning its features and a projection of them (as Hugging Face returns ``last_hidden_state``
+    and ``pooler_output``), or the same tensor twice."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.body, self.proj, self.twice = nn.Linear(3, 4), nn.Linear(4, 4), twice
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return (h, h) if self.twice else (h, self.proj(h))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+@pytest.mark.parametrize("use", ["first", "second", "both"])
+def test_outputs_computed_from_each_other_are_scaled_once_per_path(twice: bool, use: str) -> None:
+    """Attack finding: hooks on every returned tensor scaled a path through two of them gamma**2 times."""
+    torch.manual_seed(0)
+    enc, x = Derived(twice), torch.randn(5, 3)
+    ref = copy.deepcopy(enc)
+
+    def loss(e: nn.Module) -> torch.Tensor:
+        first, second = e(x)
+        return {"first": first.sum(), "second": (second**2).sum(), "both": first.sum() + (second**2).sum()}[use]
+
+    loss(ref).backward()
+    with scale_encoder_grads({"audio": enc}, {"audio": 4.0}):
+        loss(enc).backward()
+    for p, q in zip(enc.parameters(), ref.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, 4.0 * q.grad)
+
+
+def test_a_hugging_face_encoder_with_pooler_and_hidden_states_gets_gamma_once() -> None:
+    """BertModel's pooler_output and hidden_states are computed from each other: every parameter gets gamma once."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()  # (eval: no dropout, so both runs see the same network)
+    ref, ids = copy.deepcopy(bert), torch.randint(50, (2, 5))
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        out = model(ids, output_hidden_states=True)
+        return out.pooler_output.sum() + sum(h.sum() for h in out.hidden_states)
+
+    loss(ref).backward()
+    with scale_encoder_grads({"text": bert}, {"text": 2.0}):
+        loss(bert).backward()
+    for p, q in zip(bert.parameters(), ref.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, 2.0 * q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hooks_and_an_optimizer_over_parameters_frozen_when_the_hooks_were_built_refuse_each_other():
+    """Attack finding: frozen parameters (which may thaw) were left out of the hooks' claim."""
+    enc, visual, head = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 3), nn.Linear(3, 1)
+    enc[0].requires_grad_(False)  # unfrozen later, say
+    hooks = scale_encoder_grads({"audio": enc}, {"audio": 4.0})
+    inner = torch.optim.SGD([*visual.parameters(), *head.parameters()], lr=0.1)
+    with pytest.raises(ValueError, match="would both scale the gradients"):
+        PDMPOptimizer(inner, {"audio": enc[0], "visual": visual}, gammas={"audio": 4.0, "visual": 0.25})
+    hooks.remove()

@@ -635,3 +635,19 @@ def test_state_dict_and_step_cost_grows_linearly_with_the_tensors():
             least = [min(t, _cpu_seconds(getattr(opt, what))) for t, opt in zip(least, (small, large), strict=True)]
         ratio = least[1] / least[0]
         assert ratio < 8, f"{what}(): 4x the tensors cost {ratio:.1f}x the time"
+
+
+def test_loading_leaves_the_callers_state_dict_as_it_was():
+    """Attack finding: in SGD lr mode, load_state_dict converted the caller's momentum buffers in place."""
+    model, opt = build("SGD-lr")
+    train(model, opt, range(2))
+    saved = roundtrip(opt.state_dict())
+    before = copy.deepcopy(saved)
+    build("SGD-lr")[1].load_state_dict(saved)
+    assert_same_state(saved, before)
+
+
+def test_a_malformed_checkpoint_is_refused_naming_the_problem():
+    _, opt = build("AdamW-lr")
+    with pytest.raises(ValueError, match="param_groups are not an optimizer's"):
+        opt.load_state_dict({"state": {}, "param_groups": [{"lr": 0.1}]})

@@ -405,3 +405,13 @@ def test_a_tensor_learning_rate_is_restored_as_the_same_object():
     opt.step()
     assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.01)
     assert param.detach()[0].item() == pytest.approx(1 - 0.15, rel=1e-4)  # Adam's first step is lr * gamma
+
+
+def test_differentiable_sgd_gets_lr_mode_and_grad_mode_is_refused():
+    """Attack finding: grad mode multiplies gradients in place, where a hypergradient cannot see gamma."""
+    model = TwoModal()
+    opt = PDMPOptimizer(torch.optim.SGD(model.trained(), lr=0.1, differentiable=True), model.groups(), gammas=GAMMAS)
+    assert opt.mode == "lr"
+    with pytest.raises(ValueError, match="differentiable=True the hypergradient misses gamma; use mode='lr'"):
+        PDMPOptimizer(torch.optim.SGD(TwoModal().trained(), lr=0.1, differentiable=True), TwoModal().groups(),
+                      gammas=GAMMAS, mode="grad")  # fmt: skip

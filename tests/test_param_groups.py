@@ -428,3 +428,92 @@ def test_the_groups_show_the_users_lr_outside_the_step():
         for hook in hooks:
             hook.remove()
     assert seen == [[0.02 * 0.5**step] * 3 for step in range(3) for _ in range(4)]
+
+
+# ------------------------------------------------------------------------------------- wrapping again, membership
+def test_wrapping_the_same_optimizer_again_takes_the_new_arguments():
+    """The arguments of the wrapper built last decide, not the keys an earlier one left in the groups."""
+    model = TwoModal()
+    inner = sgd(model.trained())
+    PDMPOptimizer(inner, model.groups(), dominant="visual")
+    again = PDMPOptimizer(inner, model.groups(), dominant="audio")
+    assert dict(again.gammas) == {"audio": 15.0, "visual": 1 / 15}
+    assert [(g["modality"], g["pdmp_gamma"]) for g in again.param_groups] == [
+        ("audio", 15.0),
+        ("visual", 1 / 15),
+        (None, 1.0),
+    ]
+
+
+def test_an_inner_optimizer_loaded_with_a_checkpoint_before_wrapping_takes_the_constructor_gammas():
+    first = TwoModal()
+    saved = PDMPOptimizer(sgd(first.trained()), first.groups(), gammas={"audio": 2.0, "visual": 0.5})
+    model = TwoModal()
+    inner = sgd(model.trained())
+    PDMPOptimizer(sgd(model.trained()), model.groups(), gammas=GAMMAS)  # (split like the checkpoint's groups)
+    inner.param_groups = [dict(g) for g in saved.param_groups]
+    for group, params in zip(inner.param_groups, (model.audio, model.visual, model.head), strict=True):
+        group["params"] = list(params.parameters())
+    opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS)
+    assert dict(opt.gammas) == GAMMAS  # (opt.load_state_dict(...) after construction restores a checkpoint's)
+
+
+def test_a_tag_an_earlier_wrapper_left_that_contradicts_groups_is_refused():
+    model = TwoModal()
+    inner = sgd(model.trained())
+    PDMPOptimizer(inner, {"audio": model.audio, "visual": model.visual}, gammas=GAMMAS)
+    with pytest.raises(ValueError, match="tagged modality='audio', but groups= gives its parameter"):
+        PDMPOptimizer(inner, {"audio": model.visual, "visual": model.audio}, gammas=GAMMAS)  # swapped
+
+
+def test_sgd_lr_mode_momentum_goes_back_to_standard_units_when_wrapped_again_in_another_mode():
+    """Attack finding: re-wrapping the inner optimizer of an SGD lr-mode run in grad mode kept 1/gamma units."""
+    runs = []
+    for switch in ("state_dict", "rewrap"):
+        model = TwoModal()
+        inner = sgd(model.trained())
+        opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS, mode="lr")
+        step_both([(model, opt)], range(3))
+        if switch == "state_dict":
+            saved = opt.state_dict()
+            opt = PDMPOptimizer(sgd(model.trained()), model.groups(), gammas=GAMMAS, mode="grad")
+            opt.load_state_dict(saved)
+        else:
+            opt = PDMPOptimizer(inner, model.groups(), gammas=GAMMAS, mode="grad")
+            assert all("pdmp_momentum_scale" not in g for g in opt.param_groups)
+        step_both([(model, opt)], range(3, 6))
+        runs.append(model)
+    assert_same_params(*runs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("via", ["wrapper", "inner"])
+def test_a_module_added_to_an_encoder_after_wrapping_belongs_to_its_modality(via):
+    """Attack finding: membership was a snapshot of the modules at wrap time."""
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.trained()), model.groups(), gammas=GAMMAS)
+    model.audio.append(nn.Linear(8, 8))
+    (opt if via == "wrapper" else opt.optimizer).add_param_group({"params": list(model.audio[-1].parameters())})
+    opt.params_by_modality()
+    assert (opt.param_groups[-1]["modality"], opt.param_groups[-1]["pdmp_gamma"]) == ("audio", 1 / 15)
+
+
+def test_a_pickled_optimizer_does_not_carry_the_frozen_encoder_weights():
+    """Membership is held weakly: only the optimizer's own parameters and state travel."""
+    import pickle
+
+    big = nn.Linear(500, 500).requires_grad_(False)  # a frozen encoder, added later
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.trained()), {**model.groups(), "text": big}, gammas={**GAMMAS, "text": 2.0})
+    assert len(pickle.dumps(opt)) < 100_000  # (the frozen weights alone are 1 MB)
+
+
+def test_a_group_tagged_with_a_modality_the_optimizer_does_not_know_is_refused_at_the_next_entry_point():
+    """A checkpoint of other groups= loaded into the inner optimizer (a renamed modality): refused, not applied."""
+    model = TwoModal()
+    opt = PDMPOptimizer(sgd(model.trained()), model.groups(), gammas=GAMMAS)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["modality"] = {"audio": "speech"}.get(group["modality"], group["modality"])
+    opt.optimizer.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"modality 'speech' is unknown; use one of \['audio', 'visual'\] or None"):
+        opt.step()
