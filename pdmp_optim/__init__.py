@@ -10,20 +10,12 @@ applied), :mod:`pdmp_optim.diagnostics` (``logit_ratio``, ``modality_grad_norms`
 (the slow, obviously right twin the tests compare against).
 """
 
-from .analysis import analyze_modalities
+from .analysis import ModalityRanking, analyze_modalities, rank_modalities
 from .backward import scale_encoder_grads
 from .coefficients import pdmp_gammas
 from .optimizer import PDMPOptimizer
-from .ranking import ModalityRanking, rank_modalities
 
 __version__ = "0.3.0"
 
-__all__ = [
-    "ModalityRanking",
-    "PDMPOptimizer",
-    "__version__",
-    "analyze_modalities",
-    "pdmp_gammas",
-    "rank_modalities",
-    "scale_encoder_grads",
-]
+__all__ = ["ModalityRanking", "PDMPOptimizer", "__version__", "analyze_modalities", "pdmp_gammas", "rank_modalities",
+           "scale_encoder_grads"]  # fmt: skip

@@ -127,18 +127,19 @@ def check_gammas(
     return {check_name(m): check_gamma(v, f"{what}[{m!r}]") for m, v in gammas.items()}
 
 
-def check_modalities(value: Any, what: str, noun: str, kind: type | None = None) -> list[str]:
-    """The names of ``value``, a mapping of at least two modalities to ``noun`` (each an instance of ``kind``).
+def check_modalities(value: Any, what: str, noun: str, kind: type | None = None, at_least: int = 2) -> list[str]:
+    """The names of ``value``, a mapping of ``at_least`` modalities to ``noun`` (each an instance of ``kind``).
 
     >>> check_modalities({"audio": 0.6, "visual": 0.7}, "scores", "a score")
     ['audio', 'visual']
     """
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must map each modality to {noun}, got {type(value).__name__}")
-    if len(value) < 2:
+    if len(value) < at_least:
         raise ValueError(
-            f"{what} must hold at least two modalities, got {list(value)}; with one there is nothing to prioritise"
-        )
+            f"{what} is empty; name at least one modality, e.g. {{'visual': model.visual_encoder}}" if at_least == 1
+            else f"{what} must hold at least two modalities, got {list(value)}; with one there is nothing to prioritise"
+        )  # fmt: skip
     for name, item in value.items():
         check_name(name)
         if kind is not None and not isinstance(item, kind):

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._checks import check_gammas, check_name
+from ._checks import check_gammas, check_modalities, check_name
 
 GroupSpec = nn.Module | Iterable[Tensor]
 GAMMA = "pdmp_gamma"  # (prefixed: AdaBound, MARS and others keep a "gamma" setting of their own)
@@ -40,19 +40,14 @@ def modality_of(optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None) ->
                 "param groups with a 'modality' key"
             )
         return {p: check_name(g["modality"]) for g in tagged for p in g["params"]}
-    if not isinstance(groups, Mapping):
-        raise TypeError(
-            f"groups must map a modality name to an nn.Module or an iterable of parameters, got {type(groups).__name__}"
-        )
-    if not groups:
-        raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
+    check_modalities(groups, "groups", "an nn.Module or an iterable of parameters", at_least=1)
     owned = {p for group in optimizer.param_groups for p in group["params"]}
     flat = [p for p in owned if getattr(p, "_is_flat_param", False)]  # FSDP1 without use_orig_params
     membership: dict[Tensor, str] = {}
     for modality, spec in groups.items():
         if flat and isinstance(spec, nn.Module):
-            _check_not_split(check_name(modality), spec, flat)
-        for p in _params(check_name(modality), spec, owned, bool(flat)):
+            _check_not_split(modality, spec, flat)
+        for p in _params(modality, spec, owned, bool(flat)):
             other = membership.setdefault(p, modality)
             if other != modality:
                 raise ValueError(
@@ -101,6 +96,69 @@ def split_group(group: dict[str, Any], modalities: Sequence[str | None]) -> list
         part[SPLIT_KEY] = [len(modalities), indices]
         parts.append((modality, part))
     return parts
+
+
+def adopt(
+    optimizer: Optimizer, members: Callable[[], dict[Tensor, str]], gammas: dict[str, float], sgd_units: bool
+) -> None:
+    """Tag each group that arrived without PDMP's keys (added, reassigned, loaded from a plain checkpoint) by
+    ``members``, split per modality; checked in full before anything changes. ``gammas`` takes the coefficients the
+    groups hold (a loaded checkpoint's): they are those new groups of their modality get."""
+    groups = optimizer.param_groups
+    for group in groups:
+        if group.get("modality") is not None and GAMMA in group:
+            gammas[_known(group["modality"], gammas)] = group[GAMMA]
+    pending = [(i, g) for i, g in enumerate(groups) if GAMMA not in g or "modality" not in g]
+    found = members() if pending else {}
+    parts_of = [(i, split_group(g, [_modality(g, p, found, gammas) for p in g["params"]])) for i, g in pending]
+    for index, parts in parts_of:
+        why = _why_not_split(optimizer) if len(parts) > 1 else ""
+        if why:
+            raise ValueError(f"a param group mixes modalities, so PDMP must split it (one per modality), but {why}")
+        momentum = any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in groups[index]["params"])
+        if sgd_units and "pdmp_momentum_scale" not in groups[index] and momentum:
+            raise ValueError(
+                "in SGD 'lr' mode PDMP keeps the momentum in 1/gamma units, and a param group without PDMP's keys "
+                "does not say in which units its momentum is; assign groups taken from opt.param_groups, load "
+                "checkpoints with opt.load_state_dict(...), or use mode='grad'"
+            )
+    for index, parts in reversed(parts_of):
+        for modality, part in parts:
+            part.update({"modality": modality, GAMMA: gammas[modality] if modality is not None else 1.0})
+        groups[index : index + 1] = [part for _, part in parts]
+
+
+def _known(tag: Any, gammas: Mapping[str, float]) -> str:
+    if check_name(tag) not in gammas:
+        raise ValueError(
+            f"param group modality {tag!r} is unknown; use one of {list(gammas)} or None (a checkpoint made for "
+            "other groups=? load checkpoints with opt.load_state_dict(...), which checks them)"
+        )
+    return tag
+
+
+def _modality(group: dict[str, Any], p: Tensor, found: Mapping[Tensor, str], gammas: Mapping[str, float]) -> Any:
+    """The modality of ``p`` in ``group``: its tag (which must agree with ``groups=``), else ``groups=``'."""
+    tag, modality = group.get("modality"), found.get(p)
+    if tag is not None and modality not in (None, _known(tag, gammas)):
+        raise ValueError(
+            f"a param group is tagged modality={tag!r}, but groups= gives its parameter of shape {tuple(p.shape)} to "
+            f"{modality!r}; drop the tag or fix it"
+        )
+    return modality if tag is None else tag
+
+
+def _why_not_split(optimizer: Optimizer) -> str:
+    """Why ``optimizer``'s param groups cannot be split, or ``""``."""
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        return "an LR scheduler is attached to it (it sized its lists for the groups it saw); create it after wrapping"
+    count = len(optimizer.param_groups)  # AdaBound's base_lrs: a split would leave it out of step
+    lists = [k for k, v in vars(optimizer).items() if isinstance(v, list) and len(v) == count and k != "param_groups"]
+    if lists or type(optimizer).__name__ == "ZeroRedundancyOptimizer":
+        zero = type(optimizer).__name__ == "ZeroRedundancyOptimizer"
+        what = "it partitions its groups when built" if zero else f"its {lists[0]} holds one entry per param group"
+        return f"{type(optimizer).__name__}: {what}; build it with one param group per modality"
+    return ""
 
 
 def in_live_layout(
@@ -198,9 +256,8 @@ def _check_not_split(modality: str, encoder: nn.Module, flat: list[Tensor]) -> N
 
 def _params(modality: str, spec: Any, owned: set[Tensor], flat: bool) -> list[Tensor]:
     """The parameters of ``groups[modality]``; a trainable one the optimizer does not own is refused."""
-    params: list[Tensor]
     if isinstance(spec, nn.Module):
-        params = list(spec.parameters())
+        params: list[Tensor] = list(spec.parameters())
     elif isinstance(spec, Tensor):
         params = [spec]
     elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, Mapping)):

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_gammas, check_name, takes_encoders
+from ._checks import check_gammas, check_modalities, takes_encoders
 from ._exclusive import claim
 from .ranking import ModalityRanking
 
@@ -196,20 +196,8 @@ def _gammas_of(gammas: Any) -> dict[str, float]:
 
 
 def _check_groups(encoders: Any, gammas: Mapping[str, float]) -> None:
-    if not isinstance(encoders, Mapping):
-        raise TypeError(
-            f"groups must map a modality name to its encoder nn.Module, got {type(encoders).__name__}; "
-            "e.g. {'audio': model.audio_encoder, 'visual': model.visual_encoder}"
-        )
-    if not encoders:
-        raise ValueError("groups is empty; name at least one modality, e.g. {'visual': model.visual_encoder}")
+    check_modalities(encoders, "groups", "an nn.Module (hooks attach to modules)", nn.Module, at_least=1)
     for modality, encoder in encoders.items():
-        check_name(modality)
-        if not isinstance(encoder, nn.Module):
-            raise TypeError(
-                f"groups[{modality!r}] must be an nn.Module (hooks attach to modules), got "
-                f"{type(encoder).__name__}; for a list of parameters use PDMPOptimizer's 'grad' mode"
-            )
         if not _trains_something(encoder):
             raise ValueError(
                 f"groups[{modality!r}] has no trainable parameter, so there is nothing to scale; pass the "

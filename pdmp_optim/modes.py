@@ -151,9 +151,7 @@ def compensates_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     >>> compensates_decay(adamw, adamw.param_groups[0])
     True
     """
-    if "weight_decay" not in group:
-        return False
-    return (
+    return "weight_decay" in group and (
         type(optimizer) is torch.optim.SGD
         or bool(group.get("decoupled_weight_decay"))  # torch >= 2.6 marks AdamW's groups so, too
         or type(driven_optimizer(optimizer)) in (torch.optim.AdamW, getattr(torch.optim, "Muon", None))
@@ -162,9 +160,8 @@ def compensates_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
 
 def _qualified(cls: type) -> tuple[str, str]:
     """``("torch", name)`` for torch.optim's own classes (not subclasses), else (top-level package, name)."""
-    if getattr(torch.optim, cls.__name__, None) is cls:
-        return "torch", cls.__name__
-    return cls.__module__.partition(".")[0], cls.__name__
+    package = "torch" if getattr(torch.optim, cls.__name__, None) is cls else cls.__module__.partition(".")[0]
+    return package, cls.__name__
 
 
 def _warn(message: str) -> None:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,17 +32,14 @@ from ._apply import (
     rescale_momentum,
     snapshot,
 )
-from ._checks import check_gammas, check_name
+from ._checks import check_gammas
 from ._exclusive import claim
-from ._groups import GAMMA, GroupSpec, in_live_layout, live_membership, modality_of, split_group
+from ._groups import GAMMA, GroupSpec, adopt, in_live_layout, live_membership, modality_of
 from ._mark import ScaleMark
 from .coefficients import resolve_gammas
 from .modes import Mode, compensates_decay, resolve_mode
 
 __all__ = ["PDMPOptimizer"]
-
-_HOOK_DICTS = tuple(f"_optimizer_{kind}_hooks" for kind in ("step_pre", "step_post", "state_dict_pre",
-                    "state_dict_post", "load_state_dict_pre", "load_state_dict_post"))  # fmt: skip
 
 
 class _Inner:
@@ -109,18 +105,10 @@ class PDMPOptimizer(Optimizer):
             scheduler is attached, or a mode that cannot scale this optimizer's update.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        groups: Mapping[str, GroupSpec] | None = None,
-        dominant: str | None = None,
-        *,
-        gamma_p: float = 15.0,
-        optimization_dominant: str | None = None,
-        gammas: Mapping[str, float] | None = None,
-        ranking: Any = None,
-        mode: Mode = "auto",
-    ) -> None:
+    def __init__(self, optimizer: Optimizer, groups: Mapping[str, GroupSpec] | None = None,
+                 dominant: str | None = None, *, gamma_p: float = 15.0, optimization_dominant: str | None = None,
+                 gammas: Mapping[str, float] | None = None, ranking: Any = None, mode: Mode = "auto",
+                 ) -> None:  # fmt: skip
         if isinstance(optimizer, PDMPOptimizer):
             raise TypeError("optimizer is already a PDMPOptimizer; wrap the inner optimizer only once")
         if not isinstance(optimizer, Optimizer):
@@ -136,7 +124,9 @@ class PDMPOptimizer(Optimizer):
         self._gammas = resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
         self._sgd_units = self._mode == "lr" and type(optimizer) is torch.optim.SGD
         self._mark = ScaleMark()
-        self._init_hooks()  # (Optimizer.__init__ would rebuild the param groups)
+        super().__setstate__(
+            {}
+        )  # torch's hook registries and hooked step (Optimizer.__init__ would rebuild the groups)
         for group in optimizer.param_groups:  # groups an earlier wrapper tagged: this one's arguments decide
             group.pop(GAMMA, None)
             if not self._sgd_units and group.get(UNITS, 1.0) != 1.0:
@@ -313,13 +303,13 @@ class PDMPOptimizer(Optimizer):
             raise RuntimeError(
                 "cannot copy or pickle the optimizer between scale_grads_() and step(); copy after step()"
             )
-        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_mark", "_members", *_HOOK_DICTS)}
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_mark", "_members") and k[-6:] != "_hooks"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _mark=ScaleMark())
         tagged = {p: g["modality"] for g in self.param_groups if g.get("modality") for p in g["params"]}
         self._members = live_membership(None, tagged)  # a copy knows its modalities from its groups
-        self._init_hooks()
+        super().__setstate__({})
         claim(self, "optimizer")
 
     def __repr__(self) -> str:
@@ -331,72 +321,9 @@ class PDMPOptimizer(Optimizer):
         return "\n".join(lines) + "\n" + inner + "\n)"
 
     # ------------------------------------------------------------------------------------------ internals
-    def _init_hooks(self) -> None:
-        """Empty hook registries, and torch's hooked ``step``, as ``Optimizer.__init__`` and ``__setstate__`` make."""
-        for name in _HOOK_DICTS:
-            setattr(self, name, OrderedDict())
-        self._patch_step_function()
-
     def _adopt(self) -> None:
-        """Tag each group that arrived without PDMP's keys (added, reassigned, loaded from a plain checkpoint) from
-        ``groups``, split per modality; the step reads nothing else. Checked in full before anything changes. The
-        coefficients the groups hold (a loaded checkpoint's) are those new groups of their modality get."""
-        groups = self.param_groups
-        for group in groups:
-            if group.get("modality") is not None and GAMMA in group:
-                self._check_tag(group["modality"])
-                self._gammas[group["modality"]] = group[GAMMA]
-        pending = [(i, g) for i, g in enumerate(groups) if GAMMA not in g or "modality" not in g]
-        members = self._members() if pending else {}
-        pending = [(i, split_group(g, [self._modality_in(g, p, members) for p in g["params"]])) for i, g in pending]
-        for index, parts in pending:
-            self._check_splittable(groups[index], len(parts) > 1)
-        for index, parts in reversed(pending):
-            for modality, part in parts:
-                part.update({"modality": modality, GAMMA: self._gammas.get(modality, 1.0)})  # type: ignore[arg-type]
-            groups[index : index + 1] = [part for _, part in parts]
-
-    def _check_splittable(self, group: dict[str, Any], split: bool) -> None:
-        inner, count = self._optimizer, len(self.param_groups)
-        per_group = [
-            k for k, v in vars(inner).items() if isinstance(v, list) and len(v) == count and v is not inner.param_groups
-        ]  # fmt: skip  (AdaBound's base_lrs: a split would leave it out of step)
-        why = f"{type(inner).__name__}.{per_group[0]} holds one entry per param group" if per_group else ""
-        if type(inner).__name__ == "ZeroRedundancyOptimizer":
-            why = "ZeroRedundancyOptimizer partitions its groups when built"
-        if getattr(inner.step, "_wrapped_by_lr_sched", False):
-            why = (
-                "an LR scheduler is attached to it (it sized its lists for the groups it saw); create it after wrapping"
-            )
-        elif why:
-            why += "; build it with one param group per modality"
-        if why and split:
-            raise ValueError(f"a param group mixes modalities, so PDMP must split it (one per modality), but {why}")
-        momentum = any(self.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"])
-        if self._sgd_units and UNITS not in group and momentum:
-            raise ValueError(
-                "in SGD 'lr' mode PDMP keeps the momentum in 1/gamma units, and a param group without PDMP's keys "
-                "does not say in which units its momentum is; assign groups taken from opt.param_groups, load "
-                "checkpoints with opt.load_state_dict(...), or use mode='grad'"
-            )
-
-    def _check_tag(self, tag: Any) -> None:
-        if check_name(tag) not in self._gammas:
-            raise ValueError(
-                f"param group modality {tag!r} is unknown; use one of {list(self._gammas)} or None (a checkpoint made "
-                "for other groups=? load checkpoints with opt.load_state_dict(...), which checks them)"
-            )
-
-    def _modality_in(self, group: dict[str, Any], p: Tensor, members: Mapping[Tensor, str]) -> str | None:
-        tag, modality = group.get("modality"), members.get(p)
-        if tag is not None:
-            self._check_tag(tag)
-        if tag is not None and modality not in (None, tag):
-            raise ValueError(
-                f"a param group is tagged modality={tag!r}, but groups= gives its parameter of shape "
-                f"{tuple(p.shape)} to {modality!r}; drop the tag or fix it"
-            )
-        return modality if tag is None else tag
+        """Tag and split the groups that arrived without PDMP's keys (see :func:`~pdmp_optim._groups.adopt`)."""
+        adopt(self._optimizer, self._members, self._gammas, self._sgd_units)
 
     def _buckets(self, with_grad: bool = True) -> list[tuple[float, list[Tensor]]]:
         """``(gamma, parameters)`` of the scaled groups, each parameter once, less those :meth:`scale_grads_` did."""

@@ -36,18 +36,10 @@ __all__ = ["PDMPReference"]
 class PDMPReference(Optimizer):
     """Same arguments, same results as :class:`~pdmp_optim.PDMPOptimizer`; slow, and its state dict its own."""
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        groups: Mapping[str, Any] | None = None,
-        dominant: str | None = None,
-        *,
-        gamma_p: float = 15.0,
-        optimization_dominant: str | None = None,
-        gammas: Mapping[str, float] | None = None,
-        ranking: Any = None,
-        mode: str = "auto",
-    ) -> None:
+    def __init__(self, optimizer: Optimizer, groups: Mapping[str, Any] | None = None,
+                 dominant: str | None = None, *, gamma_p: float = 15.0, optimization_dominant: str | None = None,
+                 gammas: Mapping[str, float] | None = None, ranking: Any = None, mode: str = "auto",
+                 ) -> None:  # fmt: skip
         self.optimizer = optimizer
         self.mode = resolve_mode(optimizer, mode)[0]
         self.modality: dict[Tensor, str] = {}

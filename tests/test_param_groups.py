@@ -119,7 +119,9 @@ def test_zero_redundancy_optimizer_is_refused_a_split_and_told_to_build_one_grou
     try:
         model = TwoModal()
         zero = ZeroRedundancyOptimizer(model.trained(), optimizer_class=torch.optim.SGD, lr=0.1)
-        with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* build it with one param group per modality"):
+        with pytest.raises(
+            ValueError, match=r"ZeroRedundancyOptimizer: it partitions .* build it with one param group per modality"
+        ):
             PDMPOptimizer(zero, model.groups(), gammas=GAMMAS)
         per_modality = [list(m.parameters()) for m in (model.audio, model.visual, model.head)]
         zero = ZeroRedundancyOptimizer(per_modality[0], optimizer_class=torch.optim.SGD, lr=0.1)

@@ -130,7 +130,7 @@ def test_empty_groups():
         ({"audio": ["w"]}, TypeError, r"groups\['audio'\] holds a str, not a parameter tensor"),
         ({"": []}, TypeError, "modality names must be non-empty strings, got ''"),
         ({1: []}, TypeError, "modality names must be non-empty strings, got 1"),
-        ([("audio", [])], TypeError, "groups must map a modality name to an nn.Module or an iterable"),
+        ([("audio", [])], TypeError, "groups must map each modality to an nn.Module or an iterable"),
     ],
 )
 def test_malformed_groups(groups, error, match):
