@@ -97,7 +97,7 @@ class EncoderGradScaling:
 
     @property
     def gammas(self) -> dict[str, float]:
-        """The coefficient of each modality (a copy); assign a whole mapping to change them for later backwards."""
+        """Each modality's coefficient (a copy); assign a whole mapping to change them from the next forward pass on."""
         return dict(self._gammas)
 
     @gammas.setter
