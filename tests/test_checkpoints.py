@@ -44,15 +44,6 @@ SETUPS = {
 OTHER = {"audio": 1.0, "visual": 2.0}  # gammas of an optimizer a checkpoint is loaded into
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors this small only make torch's intra-op threads wait on each other (20x slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def interleaved(model: TwoModal) -> list[nn.Parameter]:
     """The model's parameters with audio, visual and head interleaved in one list (as a model whose encoders'
     layers alternate in ``model.parameters()`` gives them)."""

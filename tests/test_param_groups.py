@@ -19,15 +19,6 @@ from pdmp_optim import PDMPOptimizer
 from pdmp_optim.reference import PDMPReference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors this small only make torch's intra-op threads wait on each other (20x slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sgd(params, **kw):
     return torch.optim.SGD(params, **{"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, **kw})
 
