@@ -9,6 +9,10 @@ split), and applies each mode by its definition, one tensor at a time:
   momentum is kept in standard units, divided by gamma before that step and multiplied back after it;
 * ``"update"``: the bare step, then ``p = p_old + gamma * (p - p_old)``.
 
+One bare step per modality is the definition for optimizers whose state is per parameter (torch's); an optimizer
+that counts steps per group (pytorch_optimizer's ``group["step"]``, Lookahead's counter) counts them per modality
+here, so compare those against the bare optimizer with each group's ``lr`` multiplied by hand instead.
+
 >>> import torch
 >>> w = torch.nn.Parameter(torch.ones(3)); w.grad = torch.ones(3)
 >>> opt = PDMPReference(torch.optim.SGD([w], lr=0.1), {"audio": [w]}, gammas={"audio": 2.0})
