@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._groups import GAMMA, UNITS
+
 Buckets = Sequence[tuple[float, Sequence[Tensor]]]  # (gamma, the parameters it multiplies)
-UNITS = "pdmp_momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
 
 
 def multiply_grads_(buckets: Buckets) -> None:
@@ -93,7 +94,7 @@ def momentum_to_internal(state_dict: dict[str, Any], live: Sequence[dict[str, An
     state_dict["state"] = dict(state_dict["state"])
     state_dict["param_groups"] = [dict(group) for group in state_dict["param_groups"]]
     for group, live_group in zip(state_dict["param_groups"], live, strict=False):  # (torch checks the sizes)
-        scale, gamma = group.get(UNITS, 1.0), group.get("pdmp_gamma", 1.0)
+        scale, gamma = group.get(UNITS, 1.0), group.get(GAMMA, 1.0)
         for index, p in zip(group["params"] if scale != gamma else (), live_group["params"], strict=False):
             entry = state_dict["state"].get(index)
             if entry and entry.get("momentum_buffer") is not None:

@@ -26,6 +26,7 @@ from ._checks import check_gammas, check_modalities, check_name
 GroupSpec = nn.Module | Iterable[Tensor]
 GAMMA = "pdmp_gamma"  # (prefixed: AdaBound, MARS and others keep a "gamma" setting of their own)
 SPLIT_KEY = "pdmp_split"  # [size of the group it was split from, positions of its parameters there]
+UNITS = "pdmp_momentum_scale"  # SGD in "lr" mode: a group's standard momentum is its buffers times this
 _TAGS = ("modality", GAMMA, SPLIT_KEY)
 
 
@@ -115,8 +116,8 @@ def adopt(
         why = _why_not_split(optimizer) if len(parts) > 1 else ""
         if why:
             raise ValueError(f"a param group mixes modalities, so PDMP must split it (one per modality), but {why}")
-        momentum = any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in groups[index]["params"])
-        if sgd_units and "pdmp_momentum_scale" not in groups[index] and momentum:
+        params = groups[index]["params"] if sgd_units and UNITS not in groups[index] else ()
+        if any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params):
             raise ValueError(
                 "in SGD 'lr' mode PDMP keeps the momentum in 1/gamma units, and a param group without PDMP's keys "
                 "does not say in which units its momentum is; assign groups taken from opt.param_groups, load "

@@ -24,7 +24,6 @@ from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_h
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 from ._apply import (
-    UNITS,
     momentum_to_internal,
     momentum_to_standard,
     multiply_grads_,
@@ -34,7 +33,7 @@ from ._apply import (
 )
 from ._checks import check_gammas
 from ._exclusive import claim
-from ._groups import GAMMA, GroupSpec, adopt, in_live_layout, live_membership, modality_of
+from ._groups import GAMMA, UNITS, GroupSpec, adopt, in_live_layout, live_membership, modality_of
 from ._mark import ScaleMark
 from .coefficients import resolve_gammas
 from .modes import Mode, compensates_decay, resolve_mode
@@ -124,9 +123,8 @@ class PDMPOptimizer(Optimizer):
         self._gammas = resolve_gammas(modalities, dominant, gamma_p, optimization_dominant, gammas, ranking)
         self._sgd_units = self._mode == "lr" and type(optimizer) is torch.optim.SGD
         self._mark = ScaleMark()
-        super().__setstate__(
-            {}
-        )  # torch's hook registries and hooked step (Optimizer.__init__ would rebuild the groups)
+        # torch's hook registries and hooked step (Optimizer.__init__ would rebuild the param groups)
+        super().__setstate__({})
         for group in optimizer.param_groups:  # groups an earlier wrapper tagged: this one's arguments decide
             group.pop(GAMMA, None)
             if not self._sgd_units and group.get(UNITS, 1.0) != 1.0:

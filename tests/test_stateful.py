@@ -46,8 +46,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from torch import Tensor, nn
 
 from pdmp_optim import PDMPOptimizer
-from pdmp_optim._apply import UNITS
-from pdmp_optim._groups import GAMMA, SPLIT_KEY
+from pdmp_optim._groups import GAMMA, SPLIT_KEY, UNITS
 from pdmp_optim.reference import PDMPReference
 
 EXTRAS = 2
